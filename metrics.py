@@ -1,0 +1,238 @@
+"""Metric accumulators shared by training-time validation and eval.py.
+
+Each class follows the same small protocol: update() once per batch, compute()
+once per dataset, reset() before the next pass. The maths is left to
+torchmetrics (and, for detection, to pycocotools through it) so the numbers
+match the standard definitions instead of a home-made approximation.
+
+Everything is moved to the CPU on update(): the states are small (a 21x21
+confusion matrix, a few boxes per image) and the COCO backend needs CPU data
+anyway, so this keeps the accumulators device-agnostic.
+"""
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+from torchmetrics.detection import MeanAveragePrecision
+
+from datasets import make_loader
+from detection import decode
+
+
+def _no_data_error(name):
+    # A score computed from nothing would look like a real 0.0 in a log or table.
+    return ValueError(f"{name}.compute() called before any update(): there is nothing to score")
+
+
+class SegmentationMetric:
+    """VOC semantic segmentation: 21 classes (0 = background), `ignore_index` = void."""
+
+    def __init__(self, num_classes=21, ignore_index=255):
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        # One confusion matrix over the whole dataset (rows = ground truth,
+        # columns = prediction), as VOC does: per-image IoUs averaged would weight
+        # small images and rare classes differently.
+        self._confmat = MulticlassConfusionMatrix(num_classes, ignore_index=ignore_index)
+        self._num_updates = 0
+
+    def update(self, pred, target):
+        """pred, target: integer tensors of the same shape, (H, W) or (N, H, W)."""
+        pred = pred.detach().to("cpu", torch.long)
+        target = target.detach().to("cpu", torch.long)
+        if pred.shape != target.shape:
+            raise ValueError(f"pred shape {tuple(pred.shape)} differs from target shape {tuple(target.shape)}")
+        # torchmetrics only counts unique values: an out-of-range label is silently
+        # folded into another cell of the matrix, so check the range here.
+        if pred.numel() and (pred.min() < 0 or pred.max() >= self.num_classes):
+            raise ValueError(f"pred values must be in [0, {self.num_classes - 1}], "
+                             f"got [{int(pred.min())}, {int(pred.max())}]")
+        valid = target[target != self.ignore_index]
+        if valid.numel() and (valid.min() < 0 or valid.max() >= self.num_classes):
+            raise ValueError(f"target values must be in [0, {self.num_classes - 1}] or {self.ignore_index}, "
+                             f"got [{int(valid.min())}, {int(valid.max())}]")
+        self._confmat.update(pred.flatten(), target.flatten())
+        self._num_updates += 1
+
+    @staticmethod
+    def _iou(cm):
+        """Per-class IoU = TP / (TP + FP + FN); None where the union is 0."""
+        tp = cm.diag()
+        union = cm.sum(0) + cm.sum(1) - tp
+        return [float(t / u) if u > 0 else None for t, u in zip(tp.tolist(), union.tolist())]
+
+    def compute(self):
+        if self._num_updates == 0:
+            raise _no_data_error(type(self).__name__)
+        cm = self._confmat.compute().double()
+        if cm.sum() == 0:
+            raise ValueError("SegmentationMetric: every pixel seen so far was void; mIoU is undefined")
+
+        # Standard VOC mIoU: mean over the classes that occur in the ground truth
+        # or the prediction somewhere in the dataset. A class absent from both has
+        # no IoU at all, so it is left out rather than counted as 0 or 1.
+        iou = self._iou(cm)
+        present = [v for v in iou if v is not None]
+
+        # mIoU_fg is the reference README's variant, kept only for comparison with
+        # its published numbers: pixels whose ground truth is background are
+        # ignored too (row 0 dropped), and the mean is over foreground classes.
+        # A foreground pixel predicted as background stays in its class's row, so
+        # it still counts as a miss (FN) for that class.
+        cm_fg = cm.clone()
+        cm_fg[0, :] = 0
+        iou_fg = [v for v in self._iou(cm_fg)[1:] if v is not None]
+
+        return {
+            "mIoU": sum(present) / len(present),
+            # None if no foreground class occurs at all (undefined, not 0).
+            "mIoU_fg": sum(iou_fg) / len(iou_fg) if iou_fg else None,
+            "IoU_per_class": iou,
+        }
+
+    def reset(self):
+        self._confmat.reset()
+        self._num_updates = 0
+
+
+class DetectionMetric:
+    """COCO-style AP at IoU 0.5, macro-averaged over classes, crowd boxes ignored."""
+
+    def __init__(self, num_classes=10):
+        self.num_classes = num_classes
+        # torchmetrics hands the data to pycocotools' COCOeval, so the value is
+        # COCO's own AP50 (101-point interpolated precision, crowd handling, at
+        # most 100 detections per image and class) rather than a re-implementation.
+        # Its default average="macro" is the COCO one: per-class AP, then the mean
+        # over classes that have ground truth.
+        # rec_thresholds: torchmetrics' default is torch.linspace in float32, which
+        # differs from COCO's float64 np.linspace at 96 of the 101 points (0.6 becomes
+        # 0.6000000238...). A recall of exactly 3/5 then misses the 0.6 point and AP
+        # comes out lower than COCOeval's, so pass COCO's own thresholds.
+        self._map = MeanAveragePrecision(
+            box_format="xyxy", iou_type="bbox", iou_thresholds=[0.5],
+            rec_thresholds=np.linspace(0.0, 1.0, 101).tolist(),
+            class_metrics=True, backend="pycocotools",
+        )
+        self._num_images = 0
+
+    def update(self, preds, targets):
+        """preds: list of dict(boxes (K,4) xyxy pixels, scores (K,), labels (K,) in 0..num_classes-1).
+        targets: list of dict(boxes (M,4) xyxy, labels (M,), optional iscrowd (M,) 0/1)."""
+        if len(preds) != len(targets):
+            raise ValueError(f"got {len(preds)} predictions for {len(targets)} targets")
+        cpu_preds, cpu_targets = [], []
+        for p, t in zip(preds, targets):
+            # The COCO conversion inside torchmetrics insists on int labels and
+            # float scores (it checks the Python type after .tolist()).
+            cpu_preds.append({
+                "boxes": p["boxes"].detach().to("cpu", torch.float32).reshape(-1, 4),
+                "scores": p["scores"].detach().to("cpu", torch.float32).reshape(-1),
+                "labels": p["labels"].detach().to("cpu", torch.long).reshape(-1),
+            })
+            labels = t["labels"].detach().to("cpu", torch.long).reshape(-1)
+            iscrowd = t.get("iscrowd")
+            # iscrowd marks boxes that COCOeval ignores: a detection matching one
+            # is neither a TP nor an FP, and an unmatched one is not a miss.
+            iscrowd = torch.zeros_like(labels) if iscrowd is None else iscrowd.detach().to("cpu", torch.long).reshape(-1)
+            cpu_targets.append({
+                "boxes": t["boxes"].detach().to("cpu", torch.float32).reshape(-1, 4),
+                "labels": labels,
+                "iscrowd": iscrowd,
+            })
+            for name, lab in (("prediction", cpu_preds[-1]["labels"]), ("target", labels)):
+                if lab.numel() and (lab.min() < 0 or lab.max() >= self.num_classes):
+                    raise ValueError(f"{name} labels must be in [0, {self.num_classes - 1}], "
+                                     f"got [{int(lab.min())}, {int(lab.max())}]")
+        self._map.update(cpu_preds, cpu_targets)
+        self._num_images += len(preds)
+
+    def compute(self):
+        if self._num_images == 0:
+            raise _no_data_error(type(self).__name__)
+        out = self._map.compute()
+        # COCOeval reports -1 where a value is undefined; for the mean that means
+        # no class has a non-crowd ground-truth box.
+        map50 = float(out["map_50"])
+        if map50 < 0:
+            raise ValueError("DetectionMetric: no non-crowd ground-truth box seen; mAP@0.5 is undefined")
+        # With iou_thresholds=[0.5], torchmetrics' per-class "map" is the AP at 0.5.
+        # It lists only classes seen in predictions or targets, and squeezes the
+        # tensors to 0-d when there is a single class, hence the flatten().
+        per_class = [None] * self.num_classes
+        for c, ap in zip(out["classes"].flatten().tolist(), out["map_per_class"].flatten().tolist()):
+            # -1 marks a class with predictions but no (non-crowd) ground truth.
+            per_class[c] = ap if ap >= 0 else None
+        return {"mAP_50": map50, "AP50_per_class": per_class}
+
+    def reset(self):
+        self._map.reset()
+        self._num_images = 0
+
+
+class ClassificationMetric:
+    """Top-1 accuracy over all samples (micro average, not the per-class mean)."""
+
+    def __init__(self, num_classes=10):
+        self.num_classes = num_classes
+        # average="micro" counts correct samples over all samples; torchmetrics'
+        # default "macro" would average per-class recalls instead.
+        self._acc = MulticlassAccuracy(num_classes, average="micro", top_k=1)
+        self._num_samples = 0
+
+    def update(self, logits, labels):
+        """logits: (N, C) scores of any kind (argmax is taken); labels: (N,) class indices."""
+        logits = logits.detach().to("cpu", torch.float32)
+        labels = labels.detach().to("cpu", torch.long)
+        if logits.ndim != 2 or logits.shape[0] != labels.shape[0]:
+            raise ValueError(f"expected logits (N, C) and labels (N,), got {tuple(logits.shape)} and {tuple(labels.shape)}")
+        # As for segmentation, torchmetrics does not range-check the labels.
+        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise ValueError(f"labels must be in [0, {self.num_classes - 1}], got [{int(labels.min())}, {int(labels.max())}]")
+        self._acc.update(logits, labels)
+        self._num_samples += labels.numel()
+
+    def compute(self):
+        if self._num_samples == 0:
+            raise _no_data_error(type(self).__name__)
+        return {"top1": float(self._acc.compute())}
+
+    def reset(self):
+        self._acc.reset()
+        self._num_samples = 0
+
+
+# ----------------------------------------------------------------------------- the evaluation loop
+PRIMARY_METRIC = {"seg": "mIoU", "det": "mAP_50", "cls": "top1"}
+METRICS = {"seg": SegmentationMetric, "det": DetectionMetric, "cls": ClassificationMetric}
+
+
+@torch.inference_mode()
+def evaluate(model, dataset, task, device, batch_size=32, amp_dtype=None):
+    """Score `model` on one task's dataset against its original-resolution ground truth.
+
+    Segmentation logits are resized to each image's own mask size (not masks to the
+    input); boxes are mapped back to original image pixels. Used by train.py's
+    validation and by eval.py, so both report the same numbers."""
+    model.eval()
+    metric = METRICS[task]()
+    channels_last = device.type == "cuda"
+    for images, _, indices in make_loader(dataset, batch_size, shuffle=False):
+        x = images.to(device, non_blocking=True).float().div_(255)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            outputs = model(x)
+        indices = indices.tolist()
+        if task == "seg":
+            for logits, i in zip(outputs["seg_coarse"].float(), indices):
+                mask = dataset.eval_target(i)
+                logits = F.interpolate(logits[None], size=mask.shape, mode="bilinear", align_corners=False)
+                metric.update(logits[0].argmax(0), mask)
+        elif task == "det":
+            sizes = [dataset.original_size(i) for i in indices]
+            metric.update(decode(outputs["det"], sizes), [dataset.eval_target(i) for i in indices])
+        else:
+            metric.update(outputs["cls"].float(), torch.tensor([dataset.eval_target(i) for i in indices]))
+    return metric.compute()

