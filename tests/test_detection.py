@@ -1,0 +1,130 @@
+"""Detection coding: assignment, loss and decoding on hand-made boxes."""
+import math
+
+import torch
+from torchvision.ops import box_iou
+
+from detection import assign_targets, cell_centers, decode, decode_boxes, detection_loss
+
+S = 128          # input size -> an 8 x 8 grid of stride-16 cells
+GRID = S // 16
+C = 10
+
+
+def perfect_map(boxes, labels, iscrowd=None, mode="region"):
+    """The det map a perfect model would output for these targets (logit +-8)."""
+    iscrowd = torch.zeros(len(labels), dtype=torch.int64) if iscrowd is None else iscrowd
+    centers = cell_centers(GRID, GRID)
+    index = assign_targets(boxes, labels, iscrowd, centers, mode=mode)
+    det = torch.full((5 + C, GRID * GRID), -8.0)
+    det[:4] = 0.0
+    for cell in (index >= 0).nonzero().squeeze(1).tolist():
+        box = boxes[index[cell]]
+        cx, cy = centers[cell]
+        ltrb = torch.stack([cx - box[0], cy - box[1], box[2] - cx, box[3] - cy]) / 16
+        det[:4, cell] = torch.log(ltrb)
+        det[4, cell] = 8.0
+        det[5 + labels[index[cell]], cell] = 8.0
+    return det.reshape(1, 5 + C, GRID, GRID), index
+
+
+def test_encode_then_decode_gives_the_boxes_back():
+    boxes = torch.tensor([[10.0, 20.0, 60.0, 90.0], [70.0, 8.0, 120.0, 40.0], [30.0, 100.0, 41.0, 111.0]])
+    labels = torch.tensor([0, 4, 9])
+    det, _ = perfect_map(boxes, labels)
+    result = decode(det)[0]
+    assert len(result["boxes"]) == 3, "one detection per object after NMS"
+    iou = box_iou(result["boxes"], boxes)
+    best, match = iou.max(1)
+    assert (best > 0.9).all()
+    assert torch.equal(result["labels"], labels[match])
+
+
+def test_decode_maps_boxes_back_to_original_pixels():
+    boxes = torch.tensor([[16.0, 32.0, 80.0, 96.0]])
+    det, _ = perfect_map(boxes, torch.tensor([2]))
+    result = decode(det, original_sizes=[(256, 512)])[0]   # original is 512 wide, 256 high
+    expected = torch.tensor([[64.0, 64.0, 320.0, 192.0]])
+    assert box_iou(result["boxes"], expected).max() > 0.99
+
+
+def test_region_assignment_gives_an_object_several_cells_and_the_smaller_box_wins():
+    centers = cell_centers(GRID, GRID)
+    big = torch.tensor([0.0, 0.0, 128.0, 128.0])
+    small = torch.tensor([30.0, 30.0, 70.0, 70.0])
+    index = assign_targets(torch.stack([big, small]), torch.tensor([0, 1]), torch.tensor([0, 0]), centers)
+    assert (index == 0).sum() > 1, "the big box gets several positive cells"
+    # Cells whose centres lie in the small box belong to it, not to the big box around it.
+    in_small = ((centers > 30) & (centers < 70)).all(1)
+    assert (index[in_small] == 1).all() and in_small.sum() == 4
+    center_only = assign_targets(torch.stack([big, small]), torch.tensor([0, 1]), torch.tensor([0, 0]), centers,
+                                 mode="center")
+    assert (center_only >= 0).sum() <= 2, "the reference rule: one cell per object"
+
+
+def test_a_tiny_box_still_gets_its_centre_cell():
+    centers = cell_centers(GRID, GRID)
+    index = assign_targets(torch.tensor([[50.0, 50.0, 54.0, 53.0]]), torch.tensor([3]), torch.tensor([0]), centers)
+    assert (index == 0).sum() == 1
+    assert (index == 0).nonzero().item() == 3 * GRID + 3   # the cell holding (52, 51.5)
+
+
+def test_crowd_boxes_are_neither_positive_nor_negative():
+    centers = cell_centers(GRID, GRID)
+    boxes = torch.tensor([[0.0, 0.0, 64.0, 64.0], [64.0, 64.0, 128.0, 128.0]])
+    index = assign_targets(boxes, torch.tensor([0, 0]), torch.tensor([0, 1]), centers)
+    in_crowd = ((centers > 64) & (centers < 128)).all(1)
+    assert (index[in_crowd] == -2).all(), "cells inside the crowd box are ignored"
+    assert (index == 1).sum() == 0, "a crowd box is never a target"
+    assert (index == 0).sum() > 0
+    # The objectness loss does not change when the ignored cells' predictions change.
+    det, _ = perfect_map(boxes[:1], torch.tensor([0]))
+    target = [{"boxes": boxes, "labels": torch.tensor([0, 0]), "iscrowd": torch.tensor([0, 1])}]
+    loss_a, _ = detection_loss(det, target)
+    det_b = det.clone().reshape(1, 5 + C, -1)
+    det_b[0, 4, in_crowd] = 5.0   # confident "object" inside the crowd region
+    loss_b, _ = detection_loss(det_b.reshape(det.shape), target)
+    assert torch.allclose(loss_a, loss_b)
+
+
+def test_several_objects_and_an_empty_image_in_one_batch():
+    det = torch.randn(2, 5 + C, GRID, GRID)
+    targets = [{"boxes": torch.tensor([[0.0, 0.0, 50.0, 50.0], [60.0, 60.0, 120.0, 100.0]]),
+                "labels": torch.tensor([1, 2]), "iscrowd": torch.tensor([0, 0])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
+                "iscrowd": torch.zeros(0, dtype=torch.int64)}]
+    loss, parts = detection_loss(det, targets)
+    assert math.isfinite(loss.item()) and parts["det_box"] > 0
+    empty_loss, empty_parts = detection_loss(det[1:], targets[1:])
+    assert math.isfinite(empty_loss.item()) and empty_parts["det_box"] == 0
+
+
+def test_perfect_predictions_have_low_loss_and_decode_boxes_round_trip():
+    boxes = torch.tensor([[8.0, 8.0, 56.0, 72.0]])
+    det, index = perfect_map(boxes, torch.tensor([5]))
+    loss, parts = detection_loss(det, [{"boxes": boxes, "labels": torch.tensor([5]), "iscrowd": torch.tensor([0])}])
+    assert parts["det_box"] < 1e-4 and parts["det_obj"] < 0.05 and parts["det_cls"] < 0.05
+    positive = (index >= 0).nonzero().squeeze(1)
+    decoded = decode_boxes(det.reshape(5 + C, -1)[:4, positive].T, cell_centers(GRID, GRID)[positive])
+    assert torch.allclose(decoded, boxes.expand_as(decoded), atol=1e-3)
+
+
+def test_loss_falls_steadily_when_fitting_one_image():
+    torch.manual_seed(0)
+    head = torch.nn.Sequential(torch.nn.Conv2d(8, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(32, 5 + C, 1))
+    features = torch.randn(1, 8, GRID, GRID)
+    target = [{"boxes": torch.tensor([[10.0, 12.0, 70.0, 80.0], [80.0, 60.0, 120.0, 124.0]]),
+               "labels": torch.tensor([0, 7]), "iscrowd": torch.tensor([0, 0])}]
+    optimizer = torch.optim.Adam(head.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(60):
+        loss, _ = detection_loss(head(features), target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.2 * losses[0]
+    windows = [sum(losses[i:i + 10]) / 10 for i in range(0, 60, 10)]
+    assert all(b < a for a, b in zip(windows, windows[1:])), f"loss did not fall steadily: {windows}"
+    result = decode(head(features))[0]
+    assert box_iou(result["boxes"][:2], target[0]["boxes"]).max(0).values.min() > 0.5

@@ -1,0 +1,125 @@
+"""train.py: end to end on demo data, parameter groups, distillation, resume, NaN handling."""
+import json
+
+import pytest
+import torch
+
+import train
+from losses import distillation_loss
+from models import UnifiedMultiTaskModel
+
+TINY = ["--backbone", "efficientnet_lite0", "--no-pretrained", "--img_size", "64", "--batch_size", "4",
+        "--replay_batch_size", "2", "--epochs_seg", "1", "--epochs_det", "1", "--epochs_cls", "1"]
+
+
+def run_train(demo_root, out_dir, *extra):
+    return train.main(["--data_root", str(demo_root), "--out_dir", str(out_dir), *TINY, *extra])
+
+
+@pytest.fixture(scope="module")
+def tiny_run(demo_root, tmp_path_factory):
+    """One tiny run of all three stages, shared by the tests that only read its outputs."""
+    out_dir = tmp_path_factory.mktemp("run")
+    baselines = run_train(demo_root, out_dir, "--epochs_det", "2")
+    return out_dir, baselines
+
+
+def test_end_to_end_writes_every_output(tiny_run):
+    out_dir, baselines = tiny_run
+    for name in ("model_s1_best.pt", "model_s2_best.pt", "model_final_best_1pass.pt",
+                 "training_log_single_pass.txt", "training_log.jsonl"):
+        assert (out_dir / name).is_file(), name
+    assert set(baselines) == {"mIoU", "mAP_50", "top1"}
+    final = torch.load(out_dir / "model_final_best_1pass.pt", weights_only=False)
+    assert final["backbone"] == "efficientnet_lite0" and final["img_size"] == 64
+    assert final["baselines"] == baselines
+    assert set(final["class_names"]) == {"seg", "det", "cls"} and len(final["class_names"]["det"]) == 10
+    s1 = torch.load(out_dir / "model_s1_best.pt", weights_only=False)
+    assert set(s1["baselines"]) == {"mIoU"}
+
+
+def test_jsonl_log_has_every_seen_task_per_epoch(tiny_run):
+    out_dir, _ = tiny_run
+    records = [json.loads(line) for line in (out_dir / "training_log.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["epoch"]) for r in records] == [(1, 1), (2, 1), (2, 2), (3, 1)]
+    expected = {1: {"mIoU"}, 2: {"mIoU", "mAP_50"}, 3: {"mIoU", "mAP_50", "top1"}}
+    for record in records:
+        assert expected[record["stage"]] <= set(record)
+        assert {"stage", "task", "epoch", "losses", "lr"} <= set(record)
+        for key in expected[record["stage"]]:
+            assert 0.0 <= record[key] <= 1.0
+    stage3 = records[-1]
+    assert stage3["task"] == "cls" and {"distill_seg", "distill_det", "distill_feat"} <= set(stage3["losses"])
+
+
+def test_parameter_groups_cover_every_parameter_once():
+    model = UnifiedMultiTaskModel("efficientnet_lite0", pretrained=False)
+    groups = train.parameter_groups(model, "det", ["seg"], train.LR_FACTORS, base_lr=1e-3)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == sum(1 for _ in model.parameters())
+    lr = {g["name"]: g["lr"] for g in groups}
+    assert lr["backbone"] == pytest.approx(1e-3 * train.LR_FACTORS["backbone"])
+    assert lr["shared_late"] == pytest.approx(1e-3 * train.LR_FACTORS["shared_late"])
+    assert lr["det_head"] == pytest.approx(1e-3 * train.LR_FACTORS["task_head"])
+    assert lr["seg_head"] == pytest.approx(1e-3 * train.LR_FACTORS["distill_head"])
+    assert lr["cls_head"] == 0.0, "a task not learned yet is not trained"
+
+
+def test_batchnorm_statistics_of_learned_tasks_stay_frozen():
+    model = UnifiedMultiTaskModel("efficientnet_lite0", pretrained=False)
+    train.set_train_mode(model, "det", ["seg"])
+    assert not model.neck[0][1].training and not model.shared_conv3[1].training
+    assert model.det_head[1].training, "the primary head's BatchNorm learns"
+    before = model.shared_conv3[1].running_mean.clone()
+    model(torch.rand(2, 3, 64, 64))
+    assert torch.equal(before, model.shared_conv3[1].running_mean)
+
+
+@pytest.mark.parametrize("task", ["seg", "det", "cls"])
+def test_distillation_is_zero_when_student_equals_teacher(task):
+    model = UnifiedMultiTaskModel("efficientnet_lite0", pretrained=False).eval()
+    with torch.no_grad():
+        outputs = model(torch.rand(2, 3, 64, 64))
+    weights = {"seg": 4.0, "det_logits": 5.0, "det_feature": 2.5, "cls": 1.0}
+    loss, _ = distillation_loss(task, outputs, outputs, weights, temperature=2.0)
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+    other = {k: v + torch.randn_like(v) for k, v in outputs.items()}
+    assert distillation_loss(task, other, outputs, weights, temperature=2.0)[0].item() > 1e-3
+
+
+def test_resume_after_an_interruption_gives_the_same_outputs(demo_root, tmp_path):
+    straight = tmp_path / "straight"
+    run_train(demo_root, straight, "--epochs_det", "2")
+    resumed = tmp_path / "resumed"
+    with pytest.raises(SystemExit):   # killed after stage 1 and one detection epoch
+        run_train(demo_root, resumed, "--epochs_det", "2", "--stop_after_epochs", "2")
+    assert (resumed / "model_s1_best.pt").exists() and not (resumed / "model_final_best_1pass.pt").exists()
+    run_train(demo_root, resumed, "--epochs_det", "2", "--resume")
+    a = torch.load(straight / "model_final_best_1pass.pt", weights_only=False)
+    b = torch.load(resumed / "model_final_best_1pass.pt", weights_only=False)
+    assert a["baselines"] == b["baselines"] and a["metrics"] == b["metrics"]
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+
+
+def test_resume_without_a_previous_run_is_a_clear_error(demo_root, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_train(demo_root, tmp_path, "--resume")
+    assert "last.pt" in str(exit_info.value) and "not found" in str(exit_info.value)
+
+
+def test_a_nan_loss_stops_cleanly_and_keeps_earlier_checkpoints(demo_root, tmp_path, monkeypatch):
+    real_task_loss = train.task_loss
+
+    def nan_in_detection(task, outputs, targets, det_assign="region"):
+        loss, parts = real_task_loss(task, outputs, targets, det_assign)
+        return (loss * float("nan"), parts) if task == "det" else (loss, parts)
+
+    monkeypatch.setattr(train, "task_loss", nan_in_detection)
+    with pytest.raises(SystemExit) as exit_info:
+        run_train(demo_root, tmp_path)
+    message = str(exit_info.value)
+    assert "non-finite" in message and "intact" in message
+    stage1 = torch.load(tmp_path / "model_s1_best.pt", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in stage1["model"].values() if v.is_floating_point())
+    assert not (tmp_path / "model_s2_best.pt").exists()

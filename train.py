@@ -1,0 +1,396 @@
+"""Sequential multi-task training: segmentation -> detection -> classification, one pass.
+
+Each stage trains one primary task. From stage 2 on, a frozen copy of the model after the
+previous stage is the teacher, and replay batches from the earlier tasks' training sets
+are distilled (LwF): seg KL, det output + shared-feature MSE, cls KL. Layers shared with
+earlier tasks learn slowly (a factor table of learning rates) and keep their BatchNorm
+statistics frozen, so old tasks are not quietly re-normalised.
+
+    python train.py --demo                                   # everything on generated data
+    python train.py --data_root DL_data --backbone efficientnet_lite0
+
+Outputs in --out_dir: model_s1_best.pt, model_s2_best.pt, model_final_best_1pass.pt,
+training_log_single_pass.txt (human), training_log.jsonl (one JSON object per epoch),
+last.pt (for --resume).
+"""
+import argparse
+import copy
+import json
+import logging
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from datasets import TASKS, DataError, build_dataset, make_loader
+from losses import distillation_loss, task_loss
+from metrics import PRIMARY_METRIC, evaluate
+from models import BACKBONES, PretrainedWeightsError, UnifiedMultiTaskModel, count_trainable_parameters
+from replay import ReplayBank
+
+STAGES = ((1, "seg"), (2, "det"), (3, "cls"))  # the order of the single pass
+CHECKPOINT_NAMES = {1: "model_s1_best.pt", 2: "model_s2_best.pt", 3: "model_final_best_1pass.pt"}
+MAX_DROP_PERCENT = 5.0
+
+# Learning-rate factors (x the stage's base LR) for stages that must preserve earlier tasks
+# (the reference README's values). Stage 1 has nothing to preserve: see --first_stage_factor_*.
+LR_FACTORS = {"backbone": 0.005, "neck": 0.01, "shared_early": 0.01, "shared_mid": 0.05,
+              "shared_late": 1.0, "task_head": 1.0, "distill_head": 0.2}
+FIRST_STAGE_LR_FACTORS = {"backbone": 0.1, "neck": 1.0, "shared_early": 1.0, "shared_mid": 1.0,
+                          "shared_late": 1.0, "task_head": 1.0, "distill_head": 1.0}
+DISTILL_WEIGHTS = {"seg": 4.0, "det_logits": 5.0, "det_feature": 2.5, "cls": 1.0}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data_root", default="DL_data")
+    p.add_argument("--out_dir", default=".")
+    p.add_argument("--backbone", default="efficientnet_b0", choices=BACKBONES)
+    p.add_argument("--no-pretrained", dest="pretrained", action="store_false", help="random initialisation")
+    p.add_argument("--img_size", type=int, default=224)
+    p.add_argument("--epochs_seg", type=int, default=50)
+    p.add_argument("--epochs_det", type=int, default=70)
+    p.add_argument("--epochs_cls", type=int, default=40)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--replay_batch_size", type=int, default=8)
+    p.add_argument("--lr_seg", type=float, default=1e-4)
+    p.add_argument("--lr_det", type=float, default=1e-4)
+    p.add_argument("--lr_cls", type=float, default=1e-4)
+    p.add_argument("--weight_decay", type=float, default=1e-4)
+    for name, value in LR_FACTORS.items():
+        p.add_argument(f"--factor_{name}", type=float, default=value, help=f"LR factor of {name} in stages 2-3")
+    for name, value in FIRST_STAGE_LR_FACTORS.items():
+        p.add_argument(f"--first_stage_factor_{name}", type=float, default=value, help=f"LR factor of {name} in stage 1")
+    p.add_argument("--distill_weight_seg", type=float, default=DISTILL_WEIGHTS["seg"])
+    p.add_argument("--distill_weight_det_logits", type=float, default=DISTILL_WEIGHTS["det_logits"])
+    p.add_argument("--distill_weight_det_feature", type=float, default=DISTILL_WEIGHTS["det_feature"])
+    p.add_argument("--distill_weight_cls", type=float, default=DISTILL_WEIGHTS["cls"])
+    p.add_argument("--distill_temp", type=float, default=2.0)
+    p.add_argument("--det_assign", default="region", choices=("region", "center"),
+                   help="detection target assignment: region (FCOS-style) or center (reference-style ablation)")
+    p.add_argument("--plateau_patience", type=int, default=8, help="ReduceLROnPlateau patience (epochs)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers (images are cached in memory)")
+    p.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"),
+                   help="autocast dtype; auto = bf16 (or fp16 + grad scaler) on CUDA, off on CPU")
+    p.add_argument("--baseline_mode", action="store_true",
+                   help="the straightforward way, for speed comparisons: decode every image every epoch, "
+                        "teacher forward on every replay batch")
+    p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.pt")
+    p.add_argument("--demo", action="store_true",
+                   help="generate the demo dataset in a temporary folder and run the whole pipeline on it")
+    p.add_argument("--stop_after_epochs", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulate a kill
+    return p.parse_args(argv)
+
+
+def apply_demo_settings(args):
+    """--demo: small generated data, small images, a short schedule, the offline backbone."""
+    from demo_data import make_demo
+
+    args.data_root = str(make_demo(tempfile.mkdtemp(prefix="onehead_demo_"), n_train=48, n_val=12))
+    if args.out_dir == ".":
+        args.out_dir = "demo_out"
+    args.backbone, args.img_size, args.batch_size = "efficientnet_lite0", 128, 16
+    args.epochs_seg, args.epochs_det, args.epochs_cls = 6, 6, 4
+    args.lr_seg = args.lr_det = args.lr_cls = 1e-3
+
+
+# ----------------------------------------------------------------------------- helpers
+def set_seed(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def pick_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def autocast_dtype(amp, device):
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return None
+    if amp == "fp16" or (amp == "auto" and not torch.cuda.is_bf16_supported()):
+        return torch.float16
+    return torch.bfloat16
+
+
+def parameter_groups(model, primary, learned, factors, base_lr):
+    """AdamW groups from the factor table; every trainable parameter lands in exactly one group.
+
+    Heads: the primary task's gets `task_head`, heads of earlier (distilled) tasks get
+    `distill_head`, heads of tasks not learned yet get LR 0 (they receive no gradient)."""
+    def head_factor(task):
+        if task == primary:
+            return factors["task_head"]
+        return factors["distill_head"] if task in learned else 0.0
+
+    modules = {"backbone": (model.backbone, factors["backbone"]), "neck": (model.neck, factors["neck"]),
+               "shared_early": (model.shared_conv1, factors["shared_early"]),
+               "shared_mid": (model.shared_conv2, factors["shared_mid"]),
+               "shared_late": (model.shared_conv3, factors["shared_late"])}
+    for task in TASKS:
+        modules[f"{task}_head"] = (getattr(model, f"{task}_head"), head_factor(task))
+    groups = [{"name": name, "params": [p for p in module.parameters() if p.requires_grad],
+               "lr": base_lr * factor, "factor": factor} for name, (module, factor) in modules.items()]
+    grouped = sum(len(g["params"]) for g in groups)
+    trainable = sum(1 for p in model.parameters() if p.requires_grad)
+    assert grouped == trainable == len({id(p) for g in groups for p in g["params"]}), "parameter groups overlap"
+    return [g for g in groups if g["params"]]
+
+
+def set_train_mode(model, primary, learned):
+    """Train mode, but BatchNorm statistics stay frozen where they serve a task already learned:
+    the backbone always (ImageNet statistics), every shared layer once stage 1 is over."""
+    model.train()
+    frozen = [model.backbone]
+    if learned:
+        frozen += [model.neck, model.shared_conv1, model.shared_conv2, model.shared_conv3]
+        frozen += [getattr(model, f"{t}_head") for t in TASKS if t != primary]
+    for module in frozen:
+        for m in module.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+def to_input(images, device, channels_last):
+    x = images.to(device, non_blocking=True).float().div_(255)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def move_targets(targets, device):
+    if isinstance(targets, torch.Tensor):
+        return targets.to(device, non_blocking=True)
+    return [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
+
+
+def save_atomic(obj, path):
+    """Write then rename: a crash mid-write never leaves a truncated checkpoint behind."""
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def checkpoint(model, args, class_names, baselines, stage, epoch, metrics):
+    return {"model": model.state_dict(), "backbone": args.backbone, "img_size": args.img_size,
+            "class_names": class_names, "baselines": dict(baselines), "stage": stage, "epoch": epoch,
+            "metrics": metrics, "args": vars(args)}
+
+
+def selection_key(metrics, primary, baselines):
+    """Stage's own metric, but an epoch that kept every earlier task within 5% always wins."""
+    kept = all(drop_percent(baselines[m], metrics[m]) <= MAX_DROP_PERCENT for m in baselines)
+    return (kept, metrics[PRIMARY_METRIC[primary]])
+
+
+def drop_percent(baseline, final):
+    return (baseline - final) / baseline * 100.0 if baseline > 0 else 0.0
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def setup_logging(out_dir):
+    logger = logging.getLogger("train")
+    logger.handlers.clear()
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    file_handler = logging.FileHandler(out_dir / "training_log_single_pass.txt")
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    logger.addHandler(file_handler)
+    logger.addHandler(logging.StreamHandler(sys.stdout))
+    return logger
+
+
+# ----------------------------------------------------------------------------- one stage
+def train_one_epoch(model, loader, primary, replay_banks, optimizer, scaler, args, device, amp_dtype, progress):
+    """One pass over the primary task's training set; each step adds one replay batch per earlier task."""
+    weights = {"seg": args.distill_weight_seg, "det_logits": args.distill_weight_det_logits,
+               "det_feature": args.distill_weight_det_feature, "cls": args.distill_weight_cls}
+    channels_last = device.type == "cuda"
+    sums, steps = {}, 0
+    for images, targets, _ in progress(loader):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            outputs = model(to_input(images, device, channels_last))
+            loss, parts = task_loss(primary, outputs, move_targets(targets, device), args.det_assign)
+            for task, bank in replay_banks.items():
+                replay_images, teacher_outputs = bank.sample(args.replay_batch_size)
+                student_outputs = model(to_input(replay_images, device, channels_last))
+                distill, distill_parts = distillation_loss(task, student_outputs, teacher_outputs, weights,
+                                                           args.distill_temp)
+                loss = loss + distill
+                parts.update(distill_parts)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        # Sums stay on the device: no host sync per step, one at the end of the epoch.
+        parts["total"] = loss.detach()
+        for name, value in parts.items():
+            sums[name] = sums.get(name, 0.0) + value.float()
+        steps += 1
+    losses = {name: (value / steps).item() for name, value in sums.items()}
+    if not all(math.isfinite(v) for v in losses.values()):
+        raise NonFiniteLossError(f"non-finite training loss {losses}")
+    return losses
+
+
+def validate(model, val_sets, tasks, args, device, amp_dtype):
+    metrics = {}
+    for task in tasks:
+        metrics.update(evaluate(model, val_sets[task], task, device, batch_size=args.batch_size,
+                                amp_dtype=amp_dtype))
+    return metrics
+
+
+def run_stage(stage, primary, model, data, state, args, device, log):
+    """Train `primary`, distilling every task learned before it; returns when the stage's best
+    checkpoint is loaded back into `model` and its baseline recorded in `state`."""
+    out_dir = Path(args.out_dir)
+    learned = [task for _, task in STAGES[:stage - 1]]
+    seen = learned + [primary]
+    epochs = getattr(args, f"epochs_{primary}")
+    base_lr = getattr(args, f"lr_{primary}")
+    amp_dtype = autocast_dtype(args.amp, device)
+    prefix = "first_stage_factor_" if stage == 1 else "factor_"
+    factors = {name: getattr(args, prefix + name) for name in LR_FACTORS}
+    optimizer = torch.optim.AdamW(parameter_groups(model, primary, learned, factors, base_lr),
+                                  weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5,
+                                                           patience=args.plateau_patience)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+    teacher, replay_banks = None, {}
+    if learned:  # the model as the previous stage left it (its kept checkpoint), frozen
+        teacher = copy.deepcopy(model).eval().requires_grad_(False)
+        previous = torch.load(out_dir / CHECKPOINT_NAMES[stage - 1], map_location="cpu", weights_only=False)
+        teacher.load_state_dict(previous["model"])
+        generator = torch.Generator().manual_seed(args.seed + stage)
+        replay_banks = {task: ReplayBank(data["train"][task], teacher, device, generator,
+                                         precompute=not args.baseline_mode) for task in learned}
+
+    start_epoch, best_key = 1, None
+    if state.get("stage") == stage and "optimizer" in state:  # resuming inside this stage
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, best_key = state["epoch"] + 1, state["best_key"]
+        if learned:
+            for task, bank in replay_banks.items():
+                bank.generator.set_state(state["replay_rng"])
+
+    log.info(f"stage {stage}: {primary} for {epochs} epochs, lr {base_lr:g}, distilling {learned or 'nothing'}")
+    for epoch in range(start_epoch, epochs + 1):
+        started = time.time()
+        set_seed(args.seed + 1000 * stage + epoch)  # same augmentation whether resumed or not
+        set_train_mode(model, primary, learned)
+        loader = make_loader(data["train"][primary], args.batch_size, shuffle=True, workers=args.workers,
+                             pin_memory=device.type == "cuda", seed=args.seed + 1000 * stage + epoch)
+        progress = lambda it: tqdm(it, desc=f"s{stage} {primary} {epoch}/{epochs}", leave=False, disable=None)
+        losses = train_one_epoch(model, loader, primary, replay_banks, optimizer, scaler, args, device, amp_dtype,
+                                 progress)
+        metrics = validate(model, data["val"], seen, args, device, amp_dtype)
+        own = metrics[PRIMARY_METRIC[primary]]
+        scheduler.step(own)
+        key = selection_key(metrics, primary, state["baselines"])
+        is_best = best_key is None or tuple(key) > tuple(best_key)
+        if is_best:
+            best_key = key
+            baselines = {**state["baselines"], PRIMARY_METRIC[primary]: own}
+            save_atomic(checkpoint(model, args, data["class_names"], baselines, stage, epoch, metrics),
+                        out_dir / CHECKPOINT_NAMES[stage])
+        head_lr = next(g["lr"] for g in optimizer.param_groups if g["name"] == f"{primary}_head")
+        record = {"stage": stage, "task": primary, "epoch": epoch, "epochs": epochs, "lr": head_lr,
+                  "losses": losses, **metrics, "baselines": state["baselines"], "best": is_best,
+                  "time_s": round(time.time() - started, 2)}
+        with open(out_dir / "training_log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+        log.info(f"stage {stage} epoch {epoch}/{epochs} loss {losses['total']:.4f} {shown}"
+                 f"{' *best*' if is_best else ''} ({record['time_s']:.1f}s)")
+        state.update(stage=stage, epoch=epoch, best_key=best_key, optimizer=optimizer.state_dict(),
+                     scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
+                     replay_rng=next(iter(replay_banks.values())).generator.get_state() if replay_banks else None)
+        save_atomic({**state, "model": model.state_dict(), "args": vars(args)}, out_dir / "last.pt")
+        state["epochs_this_run"] = state.get("epochs_this_run", 0) + 1
+        if args.stop_after_epochs and state["epochs_this_run"] >= args.stop_after_epochs:
+            raise SystemExit(f"stopped after {args.stop_after_epochs} epochs (--stop_after_epochs); "
+                             "continue with --resume")
+
+    best = torch.load(out_dir / CHECKPOINT_NAMES[stage], map_location="cpu", weights_only=False)
+    model.load_state_dict(best["model"])
+    state["baselines"] = best["baselines"]
+    log.info(f"stage {stage} done: kept epoch {best['epoch']}, baselines {best['baselines']}")
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None):
+    args = parse_args(argv)
+    if args.demo:
+        apply_demo_settings(args)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = setup_logging(out_dir)
+    try:
+        device = pick_device(args.device)
+        set_seed(args.seed)
+        cache = not args.baseline_mode
+        data = {split: {task: build_dataset(task, args.data_root, split, args.img_size, cache=cache)
+                        for task in TASKS} for split in ("train", "val")}
+        data["class_names"] = {task: data["val"][task].class_names for task in TASKS}
+        model = UnifiedMultiTaskModel(args.backbone, pretrained=args.pretrained).to(device)
+        if device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        state = {"baselines": {}}
+        if args.resume:
+            state = resume_state(out_dir, model, args)
+    except (DataError, PretrainedWeightsError, ValueError) as err:
+        sys.exit(f"error: {err}")
+    log.info(f"backbone {args.backbone} (pretrained={args.pretrained}), img_size {args.img_size}, device {device}, "
+             f"trainable_params {count_trainable_parameters(model)}")
+
+    try:
+        for stage, primary in STAGES:
+            if stage >= state.get("stage", 1):  # a resumed run skips the stages it finished
+                run_stage(stage, primary, model, data, state, args, device, log)
+    except NonFiniteLossError as err:
+        sys.exit(f"error: {err}: training stopped; checkpoints already written in {out_dir} are intact "
+                 "(try a lower learning rate)")
+    log.info(f"final model: {out_dir / CHECKPOINT_NAMES[3]}; baselines {state['baselines']}")
+    if args.demo:
+        import eval as evaluate_script
+
+        evaluate_script.main(["--weights", str(out_dir / CHECKPOINT_NAMES[3]), "--data_root", args.data_root,
+                              "--tasks", "all"])
+    return state["baselines"]
+
+
+def resume_state(out_dir, model, args):
+    path = out_dir / "last.pt"
+    if not path.exists():
+        raise ValueError(f"--resume: {path} not found; start without --resume")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state["args"]["backbone"] != args.backbone or state["args"]["img_size"] != args.img_size:
+        raise ValueError(f"--resume: {path} was trained with backbone {state['args']['backbone']} and img_size "
+                         f"{state['args']['img_size']}; pass the same flags")
+    model.load_state_dict(state.pop("model"))
+    state.pop("args")
+    return state
+
+
+if __name__ == "__main__":
+    main()
