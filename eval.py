@@ -1,0 +1,140 @@
+"""Evaluate a checkpoint on the val sets and report forgetting against the stage baselines.
+
+    python eval.py --weights model_final_best_1pass.pt --data_root DL_data --tasks all \
+        [--base_miou X --base_map Y --base_top1 Z] [--json results.json] [--save_vis vis/]
+
+    mIoU     VOC definition: 21 classes with background, 255 ignored, original mask size
+    mAP_50   COCO AP at IoU 0.5 over the 10 classes (pycocotools), crowd boxes ignored
+    top1     Top-1 accuracy over the 10 Imagenette classes
+    drop %   (baseline - final) / baseline * 100; MET when drop <= 5
+
+Baselines default to the ones training wrote into the checkpoint; flags override them.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from datasets import TASKS, DataError, build_dataset
+from metrics import PRIMARY_METRIC, evaluate
+from models import UnifiedMultiTaskModel
+
+MAX_DROP_PERCENT = 5.0
+BASELINE_FLAGS = {"seg": "base_miou", "det": "base_map", "cls": "base_top1"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--weights", required=True, help="a checkpoint written by train.py")
+    p.add_argument("--data_root", default="DL_data")
+    p.add_argument("--tasks", default="all", help="all, or a comma list of seg, det, cls")
+    p.add_argument("--base_miou", type=float, help="segmentation baseline (default: from the checkpoint)")
+    p.add_argument("--base_map", type=float, help="detection baseline (default: from the checkpoint)")
+    p.add_argument("--base_top1", type=float, help="classification baseline (default: from the checkpoint)")
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--img_size", type=int, help="input size (default: the checkpoint's)")
+    p.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
+    p.add_argument("--save_vis", metavar="DIR", help="write a few prediction pictures per task")
+    p.add_argument("--num_vis", type=int, default=4, help="pictures per task with --save_vis")
+    args = p.parse_args(argv)
+    tasks = TASKS if args.tasks == "all" else tuple(t.strip() for t in args.tasks.split(","))
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        p.error(f"--tasks: unknown task(s) {unknown}; expected 'all' or a comma list of seg, det, cls")
+    args.tasks = tasks
+    return args
+
+
+def load_model(path, device):
+    """(model, checkpoint dict) or a one-line error naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--weights {path}: file not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise ValueError(f"--weights {path}: not a readable checkpoint ({type(err).__name__})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "backbone" not in ckpt:
+        raise ValueError(f"--weights {path}: expected a checkpoint written by train.py (a dict with 'model' and "
+                         "'backbone')")
+    model = UnifiedMultiTaskModel(ckpt["backbone"], pretrained=False)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        first = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
+        raise ValueError(f"--weights {path}: does not match UnifiedMultiTaskModel({ckpt['backbone']}): {first}") from None
+    return model.to(device).eval(), ckpt
+
+
+def drop_percent(baseline, final):
+    return (baseline - final) / baseline * 100.0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else "cpu" if args.device == "auto" else args.device)
+    try:
+        model, ckpt = load_model(args.weights, device)
+        img_size = args.img_size or ckpt["img_size"]
+        datasets = {t: build_dataset(t, args.data_root, "val", img_size, train=False) for t in args.tasks}
+    except (ValueError, DataError) as err:
+        sys.exit(f"error: {err}")
+
+    baselines = dict(ckpt.get("baselines", {}))
+    for task, flag in BASELINE_FLAGS.items():
+        if getattr(args, flag) is not None:
+            baselines[PRIMARY_METRIC[task]] = getattr(args, flag)
+
+    report = {"metrics": {}, "baselines": {}, "drops": {}, "met": {}, "backbone": ckpt["backbone"],
+              "img_size": img_size, "weights": str(args.weights), "details": {}}
+    for task in args.tasks:
+        scores = evaluate(model, datasets[task], task, device, batch_size=args.batch_size)
+        name = PRIMARY_METRIC[task]
+        report["metrics"][name] = scores.pop(name)
+        report["details"].update(scores)
+        if name in baselines:
+            report["baselines"][name] = baselines[name]
+            report["drops"][name] = drop_percent(baselines[name], report["metrics"][name])
+            report["met"][name] = report["drops"][name] <= MAX_DROP_PERCENT
+
+    print_table(report, args.tasks)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}")
+    if args.save_vis:
+        from visualize import save_visualizations
+
+        for task in args.tasks:
+            for path in save_visualizations(model, datasets[task], task, device, args.save_vis, args.num_vis):
+                print(f"wrote {path}")
+    return report
+
+
+def print_table(report, tasks):
+    print(f"backbone {report['backbone']}, img_size {report['img_size']}, weights {report['weights']}")
+    print(f"{'task':<5} {'metric':<7} {'baseline':>9} {'final':>8} {'drop %':>8}  result")
+    for task in tasks:
+        name = PRIMARY_METRIC[task]
+        final = report["metrics"][name]
+        if name in report["baselines"]:
+            verdict = "MET" if report["met"][name] else "NOT MET"
+            print(f"{task:<5} {name:<7} {report['baselines'][name]:>9.4f} {final:>8.4f} "
+                  f"{report['drops'][name]:>8.2f}  {verdict}")
+        else:
+            print(f"{task:<5} {name:<7} {'-':>9} {final:>8.4f} {'-':>8}  (no baseline)")
+    details = report["details"]
+    if details.get("mIoU_fg") is not None:
+        print(f"seg   mIoU over the 20 foreground classes, background pixels ignored (the reference README's "
+              f"variant): {details['mIoU_fg']:.4f}")
+    if "AP50_per_class" in details:
+        shown = ", ".join("-" if ap is None else f"{ap:.3f}" for ap in details["AP50_per_class"])
+        print(f"det   AP50 per class: {shown}")
+
+
+if __name__ == "__main__":
+    main()

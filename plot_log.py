@@ -1,0 +1,225 @@
+"""Figures from the machine-readable training log written by train.py.
+
+    python plot_log.py --log OUT/training_log.jsonl --out_dir plots
+
+The log has one JSON object per finished epoch (see train.py), for example
+
+    {"stage": 1, "task": "seg", "epoch": 3, "epochs": 50, "lr": 0.0001,
+     "losses": {"total": 1.23, "seg": 1.1}, "mIoU": 0.31,
+     "baselines": {"mIoU": 0.33}, "best": true, "time_s": 12.3}
+
+Writes, for the stages present in the log:
+  stage1_segmentation_metrics.png, stage2_detection_metrics.png,
+  stage3_classification_metrics.png  losses, validation metric of every task seen
+                                      so far (earlier tasks' baselines dashed, their
+                                      5% drop lines dotted) and lr, per epoch; the kept
+                                      ("best") epoch is marked
+  forgetting_summary.png              each task's score at the kept checkpoint of every
+                                      stage against its baseline and 5% drop line
+A resumed run may repeat a (stage, epoch): the later line wins.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+# stage -> (task, title, metric); the order is the training order
+STAGES = {1: ("seg", "Segmentation", "mIoU"),
+          2: ("det", "Detection", "mAP_50"),
+          3: ("cls", "Classification", "top1")}
+EXTRA_METRICS = {"mIoU": ["mIoU_fg"]}  # auxiliary curves drawn on a task's panel
+COLORS = {"mIoU": "tab:blue", "mAP_50": "tab:orange", "top1": "tab:green"}
+MAX_DROP = 0.05  # a task may lose at most 5% (relative) of its baseline
+
+
+class LogError(ValueError):
+    """The log file is missing, empty or malformed (message names file and line)."""
+
+
+def load_log(path):
+    """Read training_log.jsonl -> list of epoch records sorted by (stage, epoch).
+
+    When a (stage, epoch) appears more than once (a resumed run), the later line wins.
+    Raises LogError for a missing/empty file or a line that is not a JSON object with
+    integer "stage" (1-3) and "epoch".
+    """
+    if not os.path.isfile(path):
+        raise LogError(f"{path}: log file not found")
+    records = {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {lineno}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise LogError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict) or "stage" not in rec:
+                raise LogError(f'{where}: expected a JSON object with a "stage" key')
+            if rec["stage"] not in STAGES:
+                raise LogError(f"{where}: unknown stage {rec['stage']!r} (expected 1, 2 or 3)")
+            if not isinstance(rec.get("epoch"), int):
+                raise LogError(f'{where}: expected an integer "epoch"')
+            records[(rec["stage"], rec["epoch"])] = rec
+    if not records:
+        raise LogError(f"{path}: log is empty")
+    return [records[k] for k in sorted(records)]
+
+
+def value(rec, key):
+    """A metric or loss as float; NaN where missing so matplotlib leaves a gap."""
+    v = rec.get(key)
+    return float(v) if isinstance(v, (int, float)) else math.nan
+
+
+def kept_record(recs):
+    """The stage's kept checkpoint: the last epoch flagged best, else the last epoch."""
+    best = [r for r in recs if r.get("best")]
+    return (best or recs)[-1], bool(best)
+
+
+def plot_stage(stage, recs, path):
+    task, title, _ = STAGES[stage]
+    metrics = [STAGES[s][2] for s in STAGES if s <= stage]
+    kept, flagged = kept_record(recs)
+    baselines = kept.get("baselines") or {}
+    epochs = [r["epoch"] for r in recs]
+
+    fig, axes = plt.subplots(len(metrics) + 2, 1, sharex=True,
+                             figsize=(8, 2.4 * (len(metrics) + 2)))
+    kept_label = f"kept epoch {kept['epoch']}" + ("" if flagged else " (last; none flagged best)")
+    fig.suptitle(f"Stage {stage}: {title} ({task}), {kept_label}")
+
+    # losses: every key seen in this stage
+    ax = axes[0]
+    loss_keys = list(dict.fromkeys(k for r in recs for k in (r.get("losses") or {})))
+    all_losses = []
+    for k in loss_keys:
+        ys = [value(r.get("losses") or {}, k) for r in recs]
+        all_losses += [y for y in ys if not math.isnan(y)]
+        ax.plot(epochs, ys, marker=".", lw=2 if k == "total" else 1.2, label=k)
+    if all_losses and min(all_losses) > 0 and max(all_losses) / min(all_losses) > 100:
+        ax.set_yscale("log")
+    ax.set_ylabel("loss")
+    if loss_keys:
+        ax.legend(fontsize=8, ncol=2)
+
+    # one panel per task seen so far
+    for ax, m in zip(axes[1:-1], metrics):
+        color = COLORS[m]
+        ax.plot(epochs, [value(r, m) for r in recs], marker=".", color=color, label=m)
+        for extra in EXTRA_METRICS.get(m, []):
+            if any(extra in r for r in recs):
+                ax.plot(epochs, [value(r, extra) for r in recs], ls="-.", lw=1,
+                        color=color, alpha=0.6, label=extra)
+        ax.plot([kept["epoch"]], [value(kept, m)], marker="*", ms=14, color="red",
+                ls="none", label=f"kept: {value(kept, m):.4g}")
+        own_stage = metrics.index(m) + 1
+        if own_stage < stage and m in baselines:
+            b = baselines[m]
+            ax.axhline(b, color=color, ls="--", lw=1, label=f"baseline {b:.4g}")
+            ax.axhline(b * (1 - MAX_DROP), color=color, ls=":", lw=1.2,
+                       label=f"-5% ({b * (1 - MAX_DROP):.4g})")
+        ax.set_ylabel(f"val {m}")
+        ax.legend(fontsize=8, loc="best")
+
+    ax = axes[-1]
+    lrs = [value(r, "lr") for r in recs]
+    ax.plot(epochs, lrs, marker=".", color="black")
+    if all(lr > 0 for lr in lrs):  # also False when an lr is missing (NaN)
+        ax.set_yscale("log")
+    ax.set_ylabel("lr")
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+    for ax in axes:
+        ax.axvline(kept["epoch"], color="gray", ls="--", lw=0.8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_summary(by_stage, path):
+    """Each task's score at the kept checkpoint of each stage vs. its baseline."""
+    stages = sorted(by_stage)
+    # latest known baselines; a task's own kept score where training has not recorded one
+    baselines = {}
+    for s in stages:
+        baselines.update(kept_record(by_stage[s])[0].get("baselines") or {})
+    tasks = [t for t in STAGES if t <= stages[-1]]  # every task seen so far
+
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 4), squeeze=False)
+    fig.suptitle("Forgetting: score at each stage's kept checkpoint")
+    for ax, t in zip(axes[0], tasks):
+        _, title, m = STAGES[t]
+        xs = [s for s in stages if s >= t]
+        ys = [value(kept_record(by_stage[s])[0], m) for s in xs]
+        base = baselines.get(m, ys[0])
+        limit = base * (1 - MAX_DROP)
+        ax.axhline(base, color="gray", ls="--", label=f"baseline {base:.4g}")
+        ax.axhline(limit, color="red", ls=":", label=f"5% drop {limit:.4g}")
+        ax.plot(xs, ys, color=COLORS[m], lw=1.5)
+        for x, y in zip(xs, ys):
+            if math.isnan(y):  # metric missing from that stage's log
+                continue
+            ok = y >= limit
+            ax.plot(x, y, "o", ms=8, color="tab:green" if ok else "tab:red")
+            drop = (base - y) / base * 100 if base else math.nan
+            ax.annotate(f"{y:.4g}\ndrop {drop:.1f}%", (x, y), textcoords="offset points",
+                        xytext=(0, 9), ha="center", fontsize=8,
+                        bbox=dict(fc="white", ec="none", alpha=0.8, pad=1))
+        ax.set_xticks(list(STAGES), [f"after stage {s}\n({STAGES[s][0]})" for s in STAGES])
+        ax.set_xlim(0.5, 3.5)
+        ax.margins(y=0.3)
+        ax.set_title(f"{title} ({m})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Plot losses, metrics, lr and forgetting "
+                                     "from train.py's training_log.jsonl.")
+    parser.add_argument("--log", default="OUT/training_log.jsonl",
+                        help="machine log written by train.py (default: %(default)s)")
+    parser.add_argument("--out_dir", default="plots",
+                        help="folder for the PNG files (default: %(default)s)")
+    args = parser.parse_args(argv)
+
+    try:
+        records = load_log(args.log)
+    except LogError as e:
+        print(f"plot_log.py: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+    by_stage = {}
+    for r in records:
+        by_stage.setdefault(r["stage"], []).append(r)
+
+    os.makedirs(args.out_dir, exist_ok=True)
+    written = []
+    for stage, recs in sorted(by_stage.items()):
+        path = os.path.join(args.out_dir, f"stage{stage}_{STAGES[stage][1].lower()}_metrics.png")
+        plot_stage(stage, recs, path)
+        written.append(path)
+    path = os.path.join(args.out_dir, "forgetting_summary.png")
+    plot_summary(by_stage, path)
+    written.append(path)
+    for path in written:
+        print(path)
+    return written
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""plot_log.py on small synthetic training logs (no training needed)."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import plot_log  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+STAGE_PNGS = ["stage1_segmentation_metrics.png", "stage2_detection_metrics.png",
+              "stage3_classification_metrics.png"]
+
+
+def record(stage, epoch, best, **metrics):
+    task, _, metric = plot_log.STAGES[stage]
+    losses = {"total": 1.0 / epoch, task: 0.8 / epoch}
+    if stage > 1:
+        losses["distill_seg"] = 0.05
+    baselines = {"mIoU": 0.33} if stage > 1 else {}
+    if stage > 2:
+        baselines["mAP_50"] = 0.12
+    return {"stage": stage, "task": task, "epoch": epoch, "epochs": 3, "lr": 1e-4 / epoch,
+            "losses": losses, **metrics, "baselines": baselines, "best": best, "time_s": 1.0}
+
+
+def write_log(path, records, extra_lines=()):
+    lines = [json.dumps(r) for r in records] + list(extra_lines)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def three_stage_records():
+    return [
+        record(1, 1, True, mIoU=0.20, mIoU_fg=0.15),
+        record(1, 2, True, mIoU=0.30, mIoU_fg=0.25),
+        record(1, 2, True, mIoU=0.33, mIoU_fg=0.27),  # resumed run repeats epoch 2
+        record(1, 3, False, mIoU=0.31, mIoU_fg=0.26),
+        record(2, 1, True, mIoU=0.32, mAP_50=0.10),
+        record(2, 2, True, mIoU=0.31, mAP_50=0.12),
+        record(3, 1, False, mIoU=0.30, mAP_50=0.11, top1=0.85),  # no epoch flagged best
+        record(3, 2, False, mIoU=0.29, mAP_50=0.10, top1=0.90),
+    ]
+
+
+def assert_png(path):
+    assert path.is_file(), path
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    assert path.stat().st_size > 10_000
+
+
+def test_load_log_later_line_wins(tmp_path):
+    records = plot_log.load_log(write_log(tmp_path / "log.jsonl", three_stage_records()))
+    assert [(r["stage"], r["epoch"]) for r in records] == [
+        (1, 1), (1, 2), (1, 3), (2, 1), (2, 2), (3, 1), (3, 2)]
+    assert records[1]["mIoU"] == 0.33
+
+
+def test_three_stages_write_all_figures(tmp_path, capsys):
+    log = write_log(tmp_path / "log.jsonl", three_stage_records())
+    out = tmp_path / "plots"
+    plot_log.main(["--log", str(log), "--out_dir", str(out)])
+    printed = capsys.readouterr().out
+    for name in STAGE_PNGS + ["forgetting_summary.png"]:
+        assert_png(out / name)
+        assert str(out / name) in printed
+
+
+def test_stage1_only(tmp_path):
+    log = write_log(tmp_path / "log.jsonl", three_stage_records()[:4])
+    out = tmp_path / "plots"
+    plot_log.main(["--log", str(log), "--out_dir", str(out)])
+    assert sorted(p.name for p in out.iterdir()) == [
+        "forgetting_summary.png", "stage1_segmentation_metrics.png"]
+    assert_png(out / "forgetting_summary.png")
+
+
+@pytest.mark.parametrize("extra, expect", [
+    ('{"stage": 2, "epoch": 3, "mIoU": 0.3', "line 9"),   # truncated JSON
+    ('{"epoch": 3, "mIoU": 0.3}', "line 9"),             # no "stage"
+])
+def test_bad_line_exits_2(tmp_path, capsys, extra, expect):
+    log = write_log(tmp_path / "log.jsonl", three_stage_records(), [extra])
+    with pytest.raises(SystemExit) as exc:
+        plot_log.main(["--log", str(log), "--out_dir", str(tmp_path / "plots")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert str(log) in err and expect in err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("content", [None, "", "\n\n"])
+def test_missing_or_empty_log_exits_2(tmp_path, capsys, content):
+    log = tmp_path / "log.jsonl"
+    if content is not None:
+        log.write_text(content)
+    with pytest.raises(SystemExit) as exc:
+        plot_log.main(["--log", str(log), "--out_dir", str(tmp_path / "plots")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert str(log) in err and len(err.strip().splitlines()) == 1
