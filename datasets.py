@@ -39,7 +39,7 @@ VOID = 255
 IMAGENETTE_NAMES = {"n01440764": "tench", "n02102040": "English springer", "n02979186": "cassette player",
                     "n03000684": "chain saw", "n03028079": "church", "n03394916": "French horn",
                     "n03417042": "garbage truck", "n03425413": "gas pump", "n03445777": "golf ball",
-                    "n03888605": "parachute"}
+                    "n03888257": "parachute"}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
@@ -183,6 +183,12 @@ class COCODetection(TaskDataset):
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise DataError(f"{ann_file}: not a COCO instances json ({type(err).__name__}: {err})") from None
         # Sparse COCO ids (1, 3, 16, ...) -> contiguous 0..C-1, in the order of `categories`.
+        for kind, entries, keys in (("image", images, ("id", "file_name", "height", "width")),
+                                    ("annotation", annotations, ("image_id", "category_id", "bbox"))):
+            for entry in entries:
+                missing = [k for k in keys if k not in entry]
+                if missing:
+                    raise DataError(f"{ann_file}: {kind} {entry.get('id', '?')} lacks {', '.join(missing)}")
         self.cat_id_to_label = {c["id"]: k for k, c in enumerate(categories)}
         self.class_names = [c["name"] for c in categories]
         self.images = images

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageColor, ImageDraw, ImageFilter
 
 WNIDS = ['n01440764', 'n02102040', 'n02979186', 'n03000684', 'n03028079',
-         'n03394916', 'n03417042', 'n03425413', 'n03445777', 'n03888605']
+         'n03394916', 'n03417042', 'n03425413', 'n03445777', 'n03888257']
 # Original sparse COCO ids: the loaders must map them through `categories`.
 COCO_CATS = [(1, 'person'), (3, 'car'), (16, 'bird'), (31, 'handbag'), (44, 'bottle'),
              (47, 'cup'), (51, 'bowl'), (62, 'chair'), (63, 'couch'), (67, 'dining table')]

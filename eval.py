@@ -66,7 +66,7 @@ def load_model(path, device):
     except RuntimeError as err:
         first = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
         raise ValueError(f"--weights {path}: does not match UnifiedMultiTaskModel({ckpt['backbone']}): {first}") from None
-    return model.to(device).eval(), ckpt
+    return model.to(device).use_channels_last().eval(), ckpt
 
 
 def drop_percent(baseline, final):
@@ -92,7 +92,7 @@ def main(argv=None):
     report = {"metrics": {}, "baselines": {}, "drops": {}, "met": {}, "backbone": ckpt["backbone"],
               "img_size": img_size, "weights": str(args.weights), "details": {}}
     for task in args.tasks:
-        scores = evaluate(model, datasets[task], task, device, batch_size=args.batch_size)
+        scores = evaluate(model, datasets[task], task, batch_size=args.batch_size)
         name = PRIMARY_METRIC[task]
         report["metrics"][name] = scores.pop(name)
         report["details"].update(scores)
@@ -110,7 +110,7 @@ def main(argv=None):
         from visualize import save_visualizations
 
         for task in args.tasks:
-            for path in save_visualizations(model, datasets[task], task, device, args.save_vis, args.num_vis):
+            for path in save_visualizations(model, datasets[task], task, args.save_vis, args.num_vis):
                 print(f"wrote {path}")
     return report
 

@@ -209,21 +209,17 @@ METRICS = {"seg": SegmentationMetric, "det": DetectionMetric, "cls": Classificat
 
 
 @torch.inference_mode()
-def evaluate(model, dataset, task, device, batch_size=32, amp_dtype=None):
+def evaluate(model, dataset, task, batch_size=32):
     """Score `model` on one task's dataset against its original-resolution ground truth.
 
     Segmentation logits are resized to each image's own mask size (not masks to the
     input); boxes are mapped back to original image pixels. Used by train.py's
-    validation and by eval.py, so both report the same numbers."""
+    validation and by eval.py, so both report the same numbers (always in float32, so a
+    baseline measured during bf16 training compares exactly with eval.py)."""
     model.eval()
     metric = METRICS[task]()
-    channels_last = device.type == "cuda"
     for images, _, indices in make_loader(dataset, batch_size, shuffle=False):
-        x = images.to(device, non_blocking=True).float().div_(255)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            outputs = model(x)
+        outputs = model(model.prepare_input(images))
         indices = indices.tolist()
         if task == "seg":
             for logits, i in zip(outputs["seg_coarse"].float(), indices):

@@ -13,10 +13,9 @@ DISTILLED_OUTPUTS = {"seg": ("seg_coarse",), "det": ("det", "feat"), "cls": ("cl
 
 
 class ReplayBank:
-    def __init__(self, dataset, teacher, device, generator, precompute=True, batch_size=32):
-        self.dataset, self.teacher, self.device, self.generator = dataset, teacher, device, generator
+    def __init__(self, dataset, teacher, generator, precompute=True, batch_size=32, amp_dtype=None):
+        self.dataset, self.teacher, self.generator, self.amp_dtype = dataset, teacher, generator, amp_dtype
         self.keys = DISTILLED_OUTPUTS[dataset.task]
-        self.channels_last = device.type == "cuda"
         self.images = dataset.images_uint8() if precompute else None  # (N, 3, S, S) uint8, CPU
         self.teacher_outputs = self._precompute(batch_size) if precompute else None
 
@@ -25,10 +24,9 @@ class ReplayBank:
 
     @torch.no_grad()
     def _teacher(self, images):
-        x = images.to(self.device, non_blocking=True).float().div_(255)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        outputs = self.teacher(x)
+        device_type = self.teacher.mean.device.type
+        with torch.autocast(device_type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            outputs = self.teacher(self.teacher.prepare_input(images))
         return {k: outputs[k].float() for k in self.keys}
 
     def _precompute(self, batch_size):
@@ -51,6 +49,7 @@ class ReplayBank:
             images = torch.stack([self.dataset.resized(int(i))[0] for i in index])
         images = torch.where(flip[:, None, None, None], images.flip(-1), images)
         if self.teacher_outputs is not None:
-            device_index, device_flip = index.to(self.device), flip.long().to(self.device)
-            return images, {k: v[device_index, device_flip] for k, v in self.teacher_outputs.items()}
+            device = next(iter(self.teacher_outputs.values())).device
+            index, flip = index.to(device), flip.long().to(device)
+            return images, {k: v[index, flip] for k, v in self.teacher_outputs.items()}
         return images, self._teacher(images)

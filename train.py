@@ -81,10 +81,10 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers (images are cached in memory)")
     p.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"),
-                   help="autocast dtype; auto = bf16 (or fp16 + grad scaler) on CUDA, off on CPU")
+                   help="autocast dtype; auto = bf16 (fp16 + grad scaler on older GPUs); on CPU bf16 where native")
     p.add_argument("--baseline_mode", action="store_true",
                    help="the straightforward way, for speed comparisons: decode every image every epoch, "
-                        "teacher forward on every replay batch")
+                        "teacher forward on every replay batch, default memory format (with --amp off: float32)")
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.pt")
     p.add_argument("--demo", action="store_true",
                    help="generate the demo dataset in a temporary folder and run the whole pipeline on it")
@@ -121,11 +121,14 @@ def pick_device(name):
 
 
 def autocast_dtype(amp, device):
-    if amp == "off" or (amp == "auto" and device.type != "cuda"):
-        return None
-    if amp == "fp16" or (amp == "auto" and not torch.cuda.is_bf16_supported()):
-        return torch.float16
-    return torch.bfloat16
+    """auto: bf16 on GPUs that have it (else fp16 with a grad scaler); on a CPU, bf16 only where
+    it has native bf16 instructions (AVX512-BF16 or AMX), else float32."""
+    if amp == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+        return torch.bfloat16 if native else None
+    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
 def parameter_groups(model, primary, learned, factors, base_lr):
@@ -164,11 +167,6 @@ def set_train_mode(model, primary, learned):
         for m in module.modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 m.eval()
-
-
-def to_input(images, device, channels_last):
-    x = images.to(device, non_blocking=True).float().div_(255)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 def move_targets(targets, device):
@@ -221,15 +219,14 @@ def train_one_epoch(model, loader, primary, replay_banks, optimizer, scaler, arg
     """One pass over the primary task's training set; each step adds one replay batch per earlier task."""
     weights = {"seg": args.distill_weight_seg, "det_logits": args.distill_weight_det_logits,
                "det_feature": args.distill_weight_det_feature, "cls": args.distill_weight_cls}
-    channels_last = device.type == "cuda"
     sums, steps = {}, 0
     for images, targets, _ in progress(loader):
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            outputs = model(to_input(images, device, channels_last))
+            outputs = model(model.prepare_input(images))
             loss, parts = task_loss(primary, outputs, move_targets(targets, device), args.det_assign)
             for task, bank in replay_banks.items():
                 replay_images, teacher_outputs = bank.sample(args.replay_batch_size)
-                student_outputs = model(to_input(replay_images, device, channels_last))
+                student_outputs = model(model.prepare_input(replay_images))
                 distill, distill_parts = distillation_loss(task, student_outputs, teacher_outputs, weights,
                                                            args.distill_temp)
                 loss = loss + distill
@@ -249,11 +246,10 @@ def train_one_epoch(model, loader, primary, replay_banks, optimizer, scaler, arg
     return losses
 
 
-def validate(model, val_sets, tasks, args, device, amp_dtype):
+def validate(model, val_sets, tasks, args):
     metrics = {}
     for task in tasks:
-        metrics.update(evaluate(model, val_sets[task], task, device, batch_size=args.batch_size,
-                                amp_dtype=amp_dtype))
+        metrics.update(evaluate(model, val_sets[task], task, batch_size=args.batch_size))
     return metrics
 
 
@@ -280,8 +276,8 @@ def run_stage(stage, primary, model, data, state, args, device, log):
         previous = torch.load(out_dir / CHECKPOINT_NAMES[stage - 1], map_location="cpu", weights_only=False)
         teacher.load_state_dict(previous["model"])
         generator = torch.Generator().manual_seed(args.seed + stage)
-        replay_banks = {task: ReplayBank(data["train"][task], teacher, device, generator,
-                                         precompute=not args.baseline_mode) for task in learned}
+        replay_banks = {task: ReplayBank(data["train"][task], teacher, generator, precompute=not args.baseline_mode,
+                                         amp_dtype=amp_dtype) for task in learned}
 
     start_epoch, best_key = 1, None
     if state.get("stage") == stage and "optimizer" in state:  # resuming inside this stage
@@ -303,7 +299,7 @@ def run_stage(stage, primary, model, data, state, args, device, log):
         progress = lambda it: tqdm(it, desc=f"s{stage} {primary} {epoch}/{epochs}", leave=False, disable=None)
         losses = train_one_epoch(model, loader, primary, replay_banks, optimizer, scaler, args, device, amp_dtype,
                                  progress)
-        metrics = validate(model, data["val"], seen, args, device, amp_dtype)
+        metrics = validate(model, data["val"], seen, args)
         own = metrics[PRIMARY_METRIC[primary]]
         scheduler.step(own)
         key = selection_key(metrics, primary, state["baselines"])
@@ -353,8 +349,8 @@ def main(argv=None):
                         for task in TASKS} for split in ("train", "val")}
         data["class_names"] = {task: data["val"][task].class_names for task in TASKS}
         model = UnifiedMultiTaskModel(args.backbone, pretrained=args.pretrained).to(device)
-        if device.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)
+        if not args.baseline_mode:
+            model.use_channels_last()
         state = {"baselines": {}}
         if args.resume:
             state = resume_state(out_dir, model, args)

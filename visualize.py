@@ -102,7 +102,7 @@ def draw_cls(image, pred, prob, label, names, path):
     plt.close(fig)
 
 
-def save_visualizations(model, dataset, task, device, out_dir, num_images=4, class_names=None, score_threshold=0.3):
+def save_visualizations(model, dataset, task, out_dir, num_images=4, class_names=None, score_threshold=0.3):
     """Write `{task}_{k:02d}.png` for `num_images` images of `dataset` spread evenly; return the paths."""
     if task not in ("seg", "det", "cls"):
         raise ValueError(f"unknown task {task!r}; expected 'seg', 'det' or 'cls'")
@@ -115,8 +115,8 @@ def save_visualizations(model, dataset, task, device, out_dir, num_images=4, cla
     was_training = model.training
     model.eval()
     with torch.inference_mode():
-        x = torch.stack([dataset[i][0] for i in indices]).to(device).float().div_(255)
-        outputs = {k: v.float().cpu() for k, v in model(x).items()}
+        images = torch.stack([dataset[i][0] for i in indices])
+        outputs = {k: v.float().cpu() for k, v in model(model.prepare_input(images)).items()}
     model.train(was_training)  # a caller in the middle of training gets its model back as it was
     if task == "det":  # boxes come back in original pixels, like in metrics.evaluate()
         dets = decode(outputs["det"], [dataset.original_size(i) for i in indices], score_threshold=score_threshold)

@@ -29,7 +29,7 @@ def model():
 def test_writes_one_png_per_image(task, data_root, model, tmp_path):
     dataset = build_dataset(task, data_root, "val", img_size=64)
     model.train()
-    paths = save_visualizations(model, dataset, task, torch.device("cpu"), tmp_path / "vis", num_images=2)
+    paths = save_visualizations(model, dataset, task, tmp_path / "vis", num_images=2)
     assert paths == [tmp_path / "vis" / f"{task}_{k:02d}.png" for k in range(2)]
     for path in paths:
         data = path.read_bytes()

@@ -1,0 +1,46 @@
+"""Shared test fixtures: the repo on sys.path, the tiny demo data, the real data when present.
+
+    demo_root        session-wide demo dataset (demo_data.make_demo, 8 train / 4 val)
+    broken_copy      a fresh copy of the demo data under tmp_path, for a test to damage
+    real_data_root   ../shared/DL_data (or $ONEHEAD_REAL_DATA); skips the test when absent
+"""
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import demo_data  # noqa: E402
+
+REAL_DATA = Path(os.environ.get("ONEHEAD_REAL_DATA") or Path(__file__).resolve().parents[2] / "shared" / "DL_data")
+REAL_TASK_DIRS = ("imagenette-160", "mini_coco_det", "mini_voc_seg")
+
+
+def real_data_available(root: Path = REAL_DATA) -> bool:
+    return all((root / d).is_dir() for d in REAL_TASK_DIRS)
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory):
+    """The demo data, written once per session. Tests must not modify it (use broken_copy)."""
+    return demo_data.make_demo(tmp_path_factory.mktemp("demo"), n_train=8, n_val=4)
+
+
+@pytest.fixture
+def broken_copy(demo_root, tmp_path):
+    """A private copy of the demo data that the test may damage; returns its root."""
+    root = tmp_path / "data"
+    shutil.copytree(demo_root, root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def real_data_root():
+    if not real_data_available():
+        pytest.skip(f"real data not found at {REAL_DATA} (set ONEHEAD_REAL_DATA to point at DL_data)")
+    return REAL_DATA

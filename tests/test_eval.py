@@ -1,0 +1,99 @@
+"""eval.py and plot_log.py end to end on the outputs of a tiny train.py run, and their error cases."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import eval as eval_script
+import plot_log
+import train
+
+REPO_ARGS = ["--backbone", "efficientnet_lite0", "--no-pretrained", "--img_size", "64", "--batch_size", "4",
+             "--replay_batch_size", "2", "--epochs_seg", "1", "--epochs_det", "1", "--epochs_cls", "1"]
+
+
+@pytest.fixture(scope="module")
+def trained(demo_root, tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("trained")
+    train.main(["--data_root", str(demo_root), "--out_dir", str(out_dir), *REPO_ARGS])
+    return out_dir
+
+
+def test_eval_json_has_every_key_and_uses_checkpoint_baselines(trained, demo_root, tmp_path, capsys):
+    json_path = tmp_path / "report.json"
+    eval_script.main(["--weights", str(trained / "model_final_best_1pass.pt"), "--data_root", str(demo_root),
+                      "--tasks", "all", "--json", str(json_path)])
+    report = json.loads(json_path.read_text())
+    assert set(report["metrics"]) == set(report["baselines"]) == {"mIoU", "mAP_50", "top1"}
+    assert set(report["drops"]) == set(report["met"]) == {"mIoU", "mAP_50", "top1"}
+    assert all(0.0 <= v <= 1.0 for v in report["metrics"].values())
+    assert report["backbone"] == "efficientnet_lite0" and report["img_size"] == 64
+    ckpt = torch.load(trained / "model_final_best_1pass.pt", weights_only=False)
+    assert report["baselines"] == ckpt["baselines"]
+    # The final checkpoint's own task was scored in training exactly as eval.py scores it.
+    assert report["metrics"]["top1"] == pytest.approx(ckpt["metrics"]["top1"])
+    assert report["drops"]["top1"] == pytest.approx(0.0, abs=1e-6)
+    table = capsys.readouterr().out
+    assert "MET" in table and "mIoU" in table and "reference README's variant" in table
+
+
+def test_baseline_flags_override_and_drop_formula(trained, demo_root, tmp_path):
+    report = eval_script.main(["--weights", str(trained / "model_final_best_1pass.pt"), "--data_root",
+                               str(demo_root), "--tasks", "cls", "--base_top1", "0.9"])
+    final = report["metrics"]["top1"]
+    assert report["baselines"] == {"top1": 0.9}
+    assert report["drops"]["top1"] == pytest.approx((0.9 - final) / 0.9 * 100)
+    assert report["met"]["top1"] == (report["drops"]["top1"] <= 5.0)
+    assert set(report["metrics"]) == {"top1"}
+
+
+def test_stage1_checkpoint_evaluates_seg_and_det_without_a_det_baseline(trained, demo_root):
+    report = eval_script.main(["--weights", str(trained / "model_s1_best.pt"), "--data_root", str(demo_root),
+                               "--tasks", "seg,det"])
+    assert set(report["metrics"]) == {"mIoU", "mAP_50"} and set(report["baselines"]) == {"mIoU"}
+    assert report["drops"]["mIoU"] == pytest.approx(0.0, abs=1e-6), "the stage-1 checkpoint is its own baseline"
+
+
+def test_save_vis_writes_pictures(trained, demo_root, tmp_path):
+    eval_script.main(["--weights", str(trained / "model_final_best_1pass.pt"), "--data_root", str(demo_root),
+                      "--save_vis", str(tmp_path / "vis"), "--num_vis", "1"])
+    assert sorted(p.name for p in (tmp_path / "vis").glob("*.png")) == ["cls_00.png", "det_00.png", "seg_00.png"]
+
+
+def test_plot_log_on_a_real_training_log(trained, tmp_path):
+    written = plot_log.main(["--log", str(trained / "training_log.jsonl"), "--out_dir", str(tmp_path)])
+    names = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert names == ["forgetting_summary.png", "stage1_segmentation_metrics.png", "stage2_detection_metrics.png",
+                     "stage3_classification_metrics.png"]
+    assert len(written) == 4
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "eval.py", *args], capture_output=True, text=True, timeout=120,
+                          cwd=eval_script.__file__.rsplit("/", 1)[0])
+
+
+def test_missing_weights_is_a_one_line_error(demo_root, tmp_path):
+    result = run_cli("--weights", str(tmp_path / "nope.pt"), "--data_root", str(demo_root))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "nope.pt" in result.stderr
+
+
+def test_a_checkpoint_that_does_not_match_the_model_is_a_one_line_error(trained, demo_root, tmp_path):
+    ckpt = torch.load(trained / "model_final_best_1pass.pt", weights_only=False)
+    ckpt["model"]["seg_head.weight"] = torch.zeros(5, 256, 1, 1)
+    torch.save(ckpt, tmp_path / "bad.pt")
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    for name in ("bad.pt", "garbage.pt"):
+        result = run_cli("--weights", str(tmp_path / name), "--data_root", str(demo_root))
+        assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.strip().count("\n") == 0 and name in result.stderr
+
+
+def test_unknown_task_and_bad_data_root_are_errors(trained, tmp_path):
+    result = run_cli("--weights", str(trained / "model_final_best_1pass.pt"), "--tasks", "seg,depth")
+    assert result.returncode == 2 and "--tasks" in result.stderr
+    result = run_cli("--weights", str(trained / "model_final_best_1pass.pt"), "--data_root", str(tmp_path))
+    assert result.returncode != 0 and "Traceback" not in result.stderr and str(tmp_path) in result.stderr
