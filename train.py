@@ -84,7 +84,7 @@ def parse_args(argv=None):
                    help="autocast dtype; auto = bf16 (fp16 + grad scaler on older GPUs); on CPU bf16 where native")
     p.add_argument("--baseline_mode", action="store_true",
                    help="the straightforward way, for speed comparisons: decode every image every epoch, "
-                        "teacher forward on every replay batch, default memory format (with --amp off: float32)")
+                        "teacher forward on every replay batch, default memory format, float32")
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.pt")
     p.add_argument("--demo", action="store_true",
                    help="generate the demo dataset in a temporary folder and run the whole pipeline on it")
@@ -338,6 +338,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.demo:
         apply_demo_settings(args)
+    if args.baseline_mode:
+        args.amp = "off"
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     log = setup_logging(out_dir)

@@ -1,0 +1,162 @@
+"""Speed benchmark: the default training path against a straightforward baseline.
+
+    python bench.py --device cpu                  # per-stage training img/s, eval img/s, speedup
+    python bench.py --device cuda --pipeline      # also the wall time of a short full pipeline
+
+Modes (each one adds a single optimisation to the previous, so the table is an ablation):
+    baseline        decode + resize every image on every access, teacher forward on every
+                    replay batch, default (NCHW) memory format, float32
+    +channels_last  NHWC weights and inputs
+    +cache          images decoded and resized once, kept in memory as uint8
+    +teacher_cache  the frozen teacher's replay outputs computed once per stage (both flips)
+    default         + bf16 autocast where the device has native bf16 (what train.py does)
+
+Throughput counts primary-task training images per second of a whole epoch (240 images,
+replay batches and distillation included). One-time costs (building the image cache,
+precomputing the teacher) are measured separately and, for the speedup, spread over the
+stage's default number of epochs. The last line is `speedup=<x>`: default over baseline,
+stage 3 (classification with seg + det replay), the stage with the most replay work.
+"""
+import argparse
+import copy
+import itertools
+import time
+
+import torch
+
+import train
+from datasets import TASKS, build_dataset
+from metrics import evaluate
+from models import UnifiedMultiTaskModel
+from replay import ReplayBank
+
+MODES = {  # name: (channels_last, cache, teacher_cache, amp)
+    "baseline": (False, False, False, "off"),
+    "+channels_last": (True, False, False, "off"),
+    "+cache": (True, True, False, "off"),
+    "+teacher_cache": (True, True, True, "off"),
+    "default": (True, True, True, "auto"),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data_root", default="DL_data")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--backbone", default="efficientnet_lite0")
+    p.add_argument("--img_size", type=int, default=224)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--replay_batch_size", type=int, default=8)
+    p.add_argument("--stages", default="3", help="comma list of stages to time (1, 2, 3); stage 3 gives speedup=")
+    p.add_argument("--modes", default="baseline,default", help=f"comma list of {', '.join(MODES)}")
+    p.add_argument("--steps", type=int, default=None, help="time only this many steps per epoch (default: all)")
+    p.add_argument("--pipeline", action="store_true", help="also time a short full pipeline (1/1/1 epochs)")
+    return p.parse_args(argv)
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_stage_epoch(stage, mode, args, device, data_cache):
+    """(primary img/s of one epoch, one-time setup seconds) for a stage under a mode."""
+    channels_last, cache, teacher_cache, amp = MODES[mode]
+    primary = train.STAGES[stage - 1][1]
+    learned = [task for _, task in train.STAGES[:stage - 1]]
+    setup = 0.0
+    if cache not in data_cache:
+        started = time.perf_counter()
+        data_cache[cache] = {t: build_dataset(t, args.data_root, "train", args.img_size, cache=cache) for t in TASKS}
+        data_cache[(cache, "build_s")] = time.perf_counter() - started
+    data = data_cache[cache]
+    setup += data_cache[(cache, "build_s")]
+
+    torch.manual_seed(0)
+    model = UnifiedMultiTaskModel(args.backbone, pretrained=True).to(device)
+    if channels_last:
+        model.use_channels_last()
+    train_args = train.parse_args(["--backbone", args.backbone, "--amp", amp,
+                                   "--replay_batch_size", str(args.replay_batch_size)])
+    amp_dtype = train.autocast_dtype(amp, device)
+    teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    started = time.perf_counter()
+    banks = {t: ReplayBank(data[t], teacher, torch.Generator().manual_seed(0), precompute=teacher_cache,
+                           amp_dtype=amp_dtype) for t in learned}
+    synchronize(device)
+    setup += time.perf_counter() - started
+
+    factors = train.FIRST_STAGE_LR_FACTORS if stage == 1 else train.LR_FACTORS
+    optimizer = torch.optim.AdamW(train.parameter_groups(model, primary, learned, factors, 1e-4))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    train.set_train_mode(model, primary, learned)
+    loader = train.make_loader(data[primary], args.batch_size, shuffle=True, pin_memory=device.type == "cuda")
+    steps = args.steps or len(loader)
+
+    def run(n):
+        return train.train_one_epoch(model, loader, primary, banks, optimizer, scaler, train_args, device, amp_dtype,
+                                     lambda it: itertools.islice(it, n))
+
+    run(1)  # warm-up: first-call kernel selection and allocations are not throughput
+    synchronize(device)
+    started = time.perf_counter()
+    run(steps)
+    synchronize(device)
+    seconds = time.perf_counter() - started
+    images = min(steps * args.batch_size, len(data[primary]))
+    return images / seconds, setup
+
+
+def eval_throughput(args, device):
+    model = UnifiedMultiTaskModel(args.backbone, pretrained=True).to(device).use_channels_last().eval()
+    rates = {}
+    for task in TASKS:
+        dataset = build_dataset(task, args.data_root, "val", args.img_size, train=False)
+        evaluate(model, dataset, task, batch_size=args.batch_size)  # warm-up
+        synchronize(device)
+        started = time.perf_counter()
+        evaluate(model, dataset, task, batch_size=args.batch_size)
+        synchronize(device)
+        rates[task] = len(dataset) / (time.perf_counter() - started)
+    return rates
+
+
+def time_pipeline(args, mode_flags):
+    started = time.perf_counter()
+    train.main(["--data_root", args.data_root, "--out_dir", f"/tmp/bench_pipeline_{mode_flags or 'default'}",
+                "--backbone", args.backbone, "--img_size", str(args.img_size), "--device", args.device,
+                "--epochs_seg", "1", "--epochs_det", "1", "--epochs_cls", "1", *mode_flags.split()])
+    return time.perf_counter() - started
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = train.pick_device(args.device)
+    args.device = str(device)
+    stages = [int(s) for s in args.stages.split(",")]
+    modes = args.modes.split(",")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    print(f"device {name}, backbone {args.backbone}, img_size {args.img_size}, batch {args.batch_size} "
+          f"+ replay {args.replay_batch_size} per earlier task, torch {torch.__version__}")
+    print(f"{'stage':<6} {'mode':<16} {'img/s':>8} {'setup s':>8} {'epoch s (+setup/epochs)':>24}")
+    epoch_seconds = {}
+    data_cache = {}
+    for stage in stages:
+        default_epochs = getattr(train.parse_args([]), f"epochs_{train.STAGES[stage - 1][1]}")
+        for mode in modes:
+            rate, setup = time_stage_epoch(stage, mode, args, device, data_cache)
+            # One-time costs are paid once per stage: spread them over the stage's default epochs.
+            seconds = 240 / rate + setup / default_epochs
+            epoch_seconds[(stage, mode)] = seconds
+            print(f"{stage:<6} {mode:<16} {rate:>8.1f} {setup:>8.1f} {seconds:>24.1f}", flush=True)
+    rates = eval_throughput(args, device)
+    print("eval img/s (float32): " + ", ".join(f"{t} {r:.1f}" for t, r in rates.items()))
+    if args.pipeline:
+        for flags in ("--baseline_mode", ""):
+            print(f"pipeline 1/1/1 epochs {flags or '(default)'}: {time_pipeline(args, flags):.1f} s", flush=True)
+    if (3, "baseline") in epoch_seconds and (3, "default") in epoch_seconds:
+        print(f"speedup={epoch_seconds[(3, 'baseline')] / epoch_seconds[(3, 'default')]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
