@@ -9,6 +9,8 @@ Modes (each one adds a single optimisation to the previous, so the table is an a
     +channels_last  NHWC weights and inputs
     +cache          images decoded and resized once, kept in memory as uint8
     +teacher_cache  the frozen teacher's replay outputs computed once per stage (both flips)
+    +frozen_backbone  stages 2-3 freeze the backbone (LR factor 0) instead of the reference's
+                    0.005, so autograd skips it (stage 1 is unchanged)
     default         + bf16 autocast where the device has native bf16 (what train.py does)
 
 Throughput counts primary-task training images per second of a whole epoch (240 images,
@@ -30,12 +32,13 @@ from metrics import evaluate
 from models import UnifiedMultiTaskModel
 from replay import ReplayBank
 
-MODES = {  # name: (channels_last, cache, teacher_cache, amp)
-    "baseline": (False, False, False, "off"),
-    "+channels_last": (True, False, False, "off"),
-    "+cache": (True, True, False, "off"),
-    "+teacher_cache": (True, True, True, "off"),
-    "default": (True, True, True, "auto"),
+MODES = {  # name: (channels_last, cache, teacher_cache, backbone factor in stages 2-3, amp)
+    "baseline": (False, False, False, train.REFERENCE_BACKBONE_FACTOR, "off"),
+    "+channels_last": (True, False, False, train.REFERENCE_BACKBONE_FACTOR, "off"),
+    "+cache": (True, True, False, train.REFERENCE_BACKBONE_FACTOR, "off"),
+    "+teacher_cache": (True, True, True, train.REFERENCE_BACKBONE_FACTOR, "off"),
+    "+frozen_backbone": (True, True, True, 0.0, "off"),
+    "default": (True, True, True, 0.0, "auto"),
 }
 
 
@@ -61,7 +64,7 @@ def synchronize(device):
 
 def time_stage_epoch(stage, mode, args, device, data_cache):
     """(primary img/s of one epoch, one-time setup seconds) for a stage under a mode."""
-    channels_last, cache, teacher_cache, amp = MODES[mode]
+    channels_last, cache, teacher_cache, backbone_factor, amp = MODES[mode]
     primary = train.STAGES[stage - 1][1]
     learned = [task for _, task in train.STAGES[:stage - 1]]
     setup = 0.0
@@ -86,7 +89,7 @@ def time_stage_epoch(stage, mode, args, device, data_cache):
     synchronize(device)
     setup += time.perf_counter() - started
 
-    factors = train.FIRST_STAGE_LR_FACTORS if stage == 1 else train.LR_FACTORS
+    factors = train.FIRST_STAGE_LR_FACTORS if stage == 1 else {**train.LR_FACTORS, "backbone": backbone_factor}
     optimizer = torch.optim.AdamW(train.parameter_groups(model, primary, learned, factors, 1e-4))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     train.set_train_mode(model, primary, learned)

@@ -18,10 +18,9 @@ from pathlib import Path
 import torch
 
 from datasets import TASKS, DataError, build_dataset
-from metrics import PRIMARY_METRIC, evaluate
+from metrics import MAX_DROP_PERCENT, PRIMARY_METRIC, drop_percent, evaluate
 from models import UnifiedMultiTaskModel
 
-MAX_DROP_PERCENT = 5.0
 BASELINE_FLAGS = {"seg": "base_miou", "det": "base_map", "cls": "base_top1"}
 
 
@@ -69,10 +68,6 @@ def load_model(path, device):
     return model.to(device).use_channels_last().eval(), ckpt
 
 
-def drop_percent(baseline, final):
-    return (baseline - final) / baseline * 100.0
-
-
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
@@ -90,7 +85,8 @@ def main(argv=None):
             baselines[PRIMARY_METRIC[task]] = getattr(args, flag)
 
     report = {"metrics": {}, "baselines": {}, "drops": {}, "met": {}, "backbone": ckpt["backbone"],
-              "img_size": img_size, "weights": str(args.weights), "details": {}}
+              "img_size": img_size, "weights": str(args.weights), "details": {},
+              "class_names": ckpt.get("class_names", {})}
     for task in args.tasks:
         scores = evaluate(model, datasets[task], task, batch_size=args.batch_size)
         name = PRIMARY_METRIC[task]
@@ -132,8 +128,10 @@ def print_table(report, tasks):
         print(f"seg   mIoU over the 20 foreground classes, background pixels ignored (the reference README's "
               f"variant): {details['mIoU_fg']:.4f}")
     if "AP50_per_class" in details:
-        shown = ", ".join("-" if ap is None else f"{ap:.3f}" for ap in details["AP50_per_class"])
-        print(f"det   AP50 per class: {shown}")
+        names = report["class_names"].get("det") or [str(k) for k in range(len(details["AP50_per_class"]))]
+        shown = ", ".join(f"{name} {'-' if ap is None else f'{ap:.3f}'}"
+                          for name, ap in zip(names, details["AP50_per_class"]))
+        print(f"det   AP50 per class (- = no ground truth): {shown}")
 
 
 if __name__ == "__main__":

@@ -205,6 +205,12 @@ class ClassificationMetric:
 
 # ----------------------------------------------------------------------------- the evaluation loop
 PRIMARY_METRIC = {"seg": "mIoU", "det": "mAP_50", "cls": "top1"}
+MAX_DROP_PERCENT = 5.0  # the forgetting criterion: MET when a task's drop is at most this
+
+
+def drop_percent(baseline, final):
+    """Relative loss of a task's score, in percent of its baseline (negative = improved)."""
+    return (baseline - final) / baseline * 100.0 if baseline > 0 else 0.0
 METRICS = {"seg": SegmentationMetric, "det": DetectionMetric, "cls": ClassificationMetric}
 
 

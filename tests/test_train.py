@@ -56,13 +56,21 @@ def test_parameter_groups_cover_every_parameter_once():
     model = UnifiedMultiTaskModel("efficientnet_lite0", pretrained=False)
     groups = train.parameter_groups(model, "det", ["seg"], train.LR_FACTORS, base_lr=1e-3)
     ids = [id(p) for g in groups for p in g["params"]]
-    assert len(ids) == len(set(ids)) == sum(1 for _ in model.parameters())
+    trainable = [id(p) for p in model.parameters() if p.requires_grad]
+    assert len(ids) == len(set(ids)) and set(ids) == set(trainable)
     lr = {g["name"]: g["lr"] for g in groups}
-    assert lr["backbone"] == pytest.approx(1e-3 * train.LR_FACTORS["backbone"])
+    assert lr["neck"] == pytest.approx(1e-3 * train.LR_FACTORS["neck"])
     assert lr["shared_late"] == pytest.approx(1e-3 * train.LR_FACTORS["shared_late"])
     assert lr["det_head"] == pytest.approx(1e-3 * train.LR_FACTORS["task_head"])
     assert lr["seg_head"] == pytest.approx(1e-3 * train.LR_FACTORS["distill_head"])
-    assert lr["cls_head"] == 0.0, "a task not learned yet is not trained"
+    # Factor 0 freezes: the default table freezes the backbone; a task not learned yet is not trained.
+    assert "backbone" not in lr and "cls_head" not in lr
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    assert not any(p.requires_grad for p in model.cls_head.parameters())
+    # Stage 1's table trains the backbone again: freezing is per stage, not permanent.
+    groups = train.parameter_groups(model, "seg", [], train.FIRST_STAGE_LR_FACTORS, base_lr=1e-3)
+    assert {g["name"] for g in groups} >= {"backbone", "seg_head"}
+    assert all(p.requires_grad for p in model.backbone.parameters())
 
 
 def test_batchnorm_statistics_of_learned_tasks_stay_frozen():
@@ -123,3 +131,19 @@ def test_a_nan_loss_stops_cleanly_and_keeps_earlier_checkpoints(demo_root, tmp_p
     stage1 = torch.load(tmp_path / "model_s1_best.pt", weights_only=False)
     assert all(torch.isfinite(v).all() for v in stage1["model"].values() if v.is_floating_point())
     assert not (tmp_path / "model_s2_best.pt").exists()
+
+
+def test_start_from_a_stage_checkpoint_runs_only_the_later_stages(tiny_run, demo_root, tmp_path):
+    out_dir, baselines = tiny_run
+    run_train(demo_root, tmp_path, "--start_from", str(out_dir / "model_s1_best.pt"))
+    records = [json.loads(line) for line in (tmp_path / "training_log.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in records] == [2, 3]
+    final = torch.load(tmp_path / "model_final_best_1pass.pt", weights_only=False)
+    assert final["baselines"]["mIoU"] == baselines["mIoU"], "the stage-1 baseline carries over"
+
+
+@pytest.mark.parametrize("flags", [["--epochs_det", "0"], ["--img_size", "100"], ["--batch_size", "0"]])
+def test_bad_flags_are_rejected(flags, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(flags)
+    assert exit_info.value.code == 2 and flags[0] in capsys.readouterr().err
