@@ -14,6 +14,7 @@ training_log_single_pass.txt (human), training_log.jsonl (one JSON object per ep
 last.pt (for --resume).
 """
 import argparse
+import contextlib
 import copy
 import json
 import logging
@@ -188,6 +189,20 @@ def set_train_mode(model, primary, learned):
                 m.eval()
 
 
+@contextlib.contextmanager
+def batchnorm_statistics_frozen(model):
+    """Replay images belong to other tasks: they must not move the running statistics of the
+    primary head's BatchNorm (the only BatchNorm still learning from stage 2 on)."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training]
+    for m in norms:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.train()
+
+
 def move_targets(targets, device):
     if isinstance(targets, torch.Tensor):
         return targets.to(device, non_blocking=True)
@@ -241,7 +256,8 @@ def train_one_epoch(model, loader, primary, replay_banks, optimizer, scaler, arg
             loss, parts = task_loss(primary, outputs, move_targets(targets, device), args.det_assign)
             for task, bank in replay_banks.items():
                 replay_images, teacher_outputs = bank.sample(args.replay_batch_size)
-                student_outputs = model(model.prepare_input(replay_images))
+                with batchnorm_statistics_frozen(model):
+                    student_outputs = model(model.prepare_input(replay_images))
                 distill, distill_parts = distillation_loss(task, student_outputs, teacher_outputs, weights,
                                                            args.distill_temp)
                 loss = loss + distill

@@ -81,6 +81,11 @@ def test_batchnorm_statistics_of_learned_tasks_stay_frozen():
     before = model.shared_conv3[1].running_mean.clone()
     model(torch.rand(2, 3, 64, 64))
     assert torch.equal(before, model.shared_conv3[1].running_mean)
+    # Replay images of other tasks do not move the primary head's statistics either.
+    head_before = model.det_head[1].running_mean.clone()
+    with train.batchnorm_statistics_frozen(model):
+        model(torch.rand(2, 3, 64, 64))
+    assert torch.equal(head_before, model.det_head[1].running_mean) and model.det_head[1].training
 
 
 @pytest.mark.parametrize("task", ["seg", "det", "cls"])
