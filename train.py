@@ -111,11 +111,11 @@ def apply_demo_settings(args):
     """--demo: small generated data, small images, a short schedule, the offline backbone."""
     from demo_data import make_demo
 
-    args.data_root = str(make_demo(tempfile.mkdtemp(prefix="onehead_demo_"), n_train=48, n_val=12))
+    args.data_root = str(make_demo(tempfile.mkdtemp(prefix="onehead_demo_"), n_train=48, n_val=24))
     if args.out_dir == ".":
         args.out_dir = "demo_out"
-    args.backbone, args.img_size, args.batch_size = "efficientnet_lite0", 128, 16
-    args.epochs_seg, args.epochs_det, args.epochs_cls = 6, 6, 4
+    args.backbone, args.img_size, args.batch_size = "efficientnet_lite0", 128, 8
+    args.epochs_seg, args.epochs_det, args.epochs_cls = 10, 10, 8
 
 
 # ----------------------------------------------------------------------------- helpers
