@@ -29,7 +29,7 @@ import torch
 import train
 from datasets import TASKS, build_dataset
 from metrics import evaluate
-from models import UnifiedMultiTaskModel
+from models import UnifiedMultiTaskModel, pick_device
 from replay import ReplayBank
 
 MODES = {  # name: (channels_last, cache, teacher_cache, backbone factor in stages 2-3, amp)
@@ -134,7 +134,7 @@ def time_pipeline(args, mode_flags):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = train.pick_device(args.device)
+    device = pick_device(args.device)
     args.device = str(device)
     stages = [int(s) for s in args.stages.split(",")]
     modes = args.modes.split(",")

@@ -19,7 +19,7 @@ import torch
 
 from datasets import TASKS, DataError, build_dataset
 from metrics import MAX_DROP_PERCENT, PRIMARY_METRIC, drop_percent, evaluate
-from models import UnifiedMultiTaskModel
+from models import UnifiedMultiTaskModel, pick_device
 
 BASELINE_FLAGS = {"seg": "base_miou", "det": "base_map", "cls": "base_top1"}
 
@@ -70,9 +70,8 @@ def load_model(path, device):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if args.device == "auto" else args.device)
     try:
+        device = pick_device(args.device)
         model, ckpt = load_model(args.weights, device)
         img_size = args.img_size or ckpt["img_size"]
         datasets = {t: build_dataset(t, args.data_root, "val", img_size, train=False) for t in args.tasks}

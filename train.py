@@ -34,7 +34,7 @@ from tqdm import tqdm
 from datasets import TASKS, DataError, build_dataset, make_loader
 from losses import distillation_loss, task_loss
 from metrics import MAX_DROP_PERCENT, PRIMARY_METRIC, drop_percent, evaluate
-from models import BACKBONES, PretrainedWeightsError, UnifiedMultiTaskModel, count_trainable_parameters
+from models import BACKBONES, PretrainedWeightsError, UnifiedMultiTaskModel, count_trainable_parameters, pick_device
 from replay import ReplayBank
 
 STAGES = ((1, "seg"), (2, "det"), (3, "cls"))  # the order of the single pass
@@ -123,15 +123,6 @@ def set_seed(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def pick_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return device
 
 
 def autocast_dtype(amp, device):

@@ -244,3 +244,14 @@ def test_lite0_is_imagenet_pretrained(real_data_root, lite0_file_state):
           f"to the 10 classes: {correct_fc}/60 = {correct_fc / 60:.3f} ({time.perf_counter() - start:.1f} s)")
     assert correct >= 54  # >= 90 %, compared as a count (54/60 is 0.9 exactly)
     assert correct_fc >= 57  # >= 95 %
+
+
+def test_pick_device_gives_clear_errors():
+    from models import pick_device
+
+    assert pick_device("cpu").type == "cpu"
+    with pytest.raises(ValueError, match="--device banana"):
+        pick_device("banana")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            pick_device("cuda")
