@@ -83,8 +83,18 @@ def read_mask(path: Path, image_hw) -> torch.Tensor:
     return mask
 
 
-def train_augmentation(color_jitter=True):
+def train_augmentation(task=None, color_jitter=True, scale_jitter=None):
+    """Horizontal flip and colour jitter; with `scale_jitter` = (min, max) also a random zoom in
+    or out with a small shift, the image size unchanged. Boxes and masks move with the image
+    (masks are padded with void); for detection, boxes pushed out of the image are dropped
+    together with their labels and crowd flags."""
     ops = [v2.RandomHorizontalFlip(0.5)]
+    if scale_jitter is not None:
+        ops.append(v2.RandomAffine(degrees=0, translate=(0.1, 0.1), scale=tuple(scale_jitter),
+                                   fill={tv_tensors.Mask: VOID, "others": 0}))
+        if task == "det":
+            ops.append(v2.SanitizeBoundingBoxes(min_size=2, labels_getter=lambda sample: (sample[1]["labels"],
+                                                                                        sample[1]["iscrowd"])))
     if color_jitter:
         ops.append(v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.02))
     return v2.Compose(ops)
@@ -102,7 +112,7 @@ class TaskDataset(Dataset):
     def __init__(self, img_size, train, cache=True, augment=None):
         self.img_size = img_size
         self.train = train
-        self.augment = augment if augment is not None else (train_augmentation() if train else None)
+        self.augment = augment if augment is not None else (train_augmentation(self.task) if train else None)
         self.cache = cache
         self._resized = None
         self._masks = None

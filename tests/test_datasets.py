@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 import datasets
@@ -596,3 +597,34 @@ def test_real_data_cli_counts(real_data_root):
     for task in datasets.TASKS:
         assert f"{task} train 240" in lines, proc.stdout
         assert f"{task} val 60" in lines, proc.stdout
+
+
+def test_scale_jitter_moves_boxes_with_image(demo_root):
+    """Zoom in/out + shift (detection's --det_scale_jitter): boxes still fit the drawn objects,
+    labels and crowd flags stay paired with their boxes, and the boxes really moved."""
+    torch.manual_seed(0)
+    jitter = datasets.train_augmentation("det", color_jitter=False, scale_jitter=(0.7, 1.3))
+    det, det_plain = build_dataset("det", demo_root, "train", img_size=S, augment=jitter), plain("det", demo_root)
+    moved = 0
+    for i in range(len(det)):
+        image, target, _ = det[i]
+        boxes = target["boxes"].as_subclass(torch.Tensor)
+        assert len(boxes) == len(target["labels"]) == len(target["iscrowd"])
+        assert boxes_cover_objects(image, boxes, tol=3.0) is None, f"image {i}: {boxes_cover_objects(image, boxes)}"
+        moved += int(boxes.shape != det_plain[i][1]["boxes"].shape
+                     or not torch.allclose(boxes, det_plain[i][1]["boxes"].as_subclass(torch.Tensor)))
+    assert moved >= len(det) // 2
+
+
+def test_scale_jitter_drops_boxes_pushed_out_with_their_labels():
+    image = tv_tensors.Image(torch.zeros(3, 64, 64, dtype=torch.uint8))
+    target = {"boxes": tv_tensors.BoundingBoxes([[0, 0, 6, 6], [20, 20, 44, 44]], format="XYXY", canvas_size=(64, 64)),
+              "labels": torch.tensor([3, 7]), "iscrowd": torch.tensor([1, 0])}
+    # A 2x zoom (shift at most 6.4 px) pushes the corner box out and keeps the central one, twice as big.
+    zoom = datasets.train_augmentation("det", color_jitter=False, scale_jitter=(2.0, 2.0))
+    for seed in range(5):
+        torch.manual_seed(seed)
+        _, out = zoom(image, target)
+        assert out["labels"].tolist() == [7] and out["iscrowd"].tolist() == [0]
+        x1, y1, x2, y2 = out["boxes"].as_subclass(torch.Tensor)[0].tolist()
+        assert x2 - x1 == pytest.approx(48, abs=1e-3) and y2 - y1 == pytest.approx(48, abs=1e-3)
