@@ -14,6 +14,7 @@ datasets hand it plain images in [0, 1] and a checkpoint always normalises corre
     python models.py [--backbone efficientnet_lite0] [--no-pretrained]
 """
 import argparse
+import math
 import os
 import re
 import sys
@@ -160,6 +161,9 @@ class UnifiedMultiTaskModel(nn.Module):
         self.seg_head = nn.Conv2d(256, num_seg_classes, 1)
         self.det_head = nn.Sequential(nn.Conv2d(256, 128, 1, bias=False), nn.BatchNorm2d(128), nn.ReLU(inplace=True),
                                       nn.Conv2d(128, 5 + num_det_classes, 1))
+        # Objectness starts at probability 0.01 (RetinaNet's prior): almost every cell is empty,
+        # and a 0.5 start makes the first steps spend themselves on pushing all cells down.
+        nn.init.constant_(self.det_head[-1].bias[4], -math.log(99.0))
         self.cls_head = nn.Linear(256, num_cls_classes)
         self.channels_last = False
 
