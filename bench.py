@@ -90,15 +90,15 @@ def time_stage_epoch(stage, mode, args, device, data_cache):
     setup += time.perf_counter() - started
 
     factors = train.FIRST_STAGE_LR_FACTORS if stage == 1 else {**train.LR_FACTORS, "backbone": backbone_factor}
-    optimizer = torch.optim.AdamW(train.parameter_groups(model, primary, learned, factors, 1e-4))
+    optimizer = torch.optim.AdamW(train.parameter_groups(model, [primary], learned, factors, 1e-4))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     train.set_train_mode(model, primary, learned)
     loader = train.make_loader(data[primary], args.batch_size, shuffle=True, pin_memory=device.type == "cuda")
     steps = args.steps or len(loader)
 
     def run(n):
-        return train.train_one_epoch(model, loader, primary, banks, optimizer, scaler, train_args, device, amp_dtype,
-                                     lambda it: itertools.islice(it, n))
+        batches = ({primary: batch} for batch in itertools.islice(loader, n))
+        return train.train_one_epoch(model, batches, banks, optimizer, scaler, train_args, device, amp_dtype)
 
     run(1)  # warm-up: first-call kernel selection and allocations are not throughput
     synchronize(device)

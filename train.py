@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from datasets import TASKS, DataError, build_dataset, make_loader
+from datasets import TASKS, DataError, build_dataset, make_loader, train_augmentation
 from losses import distillation_loss, task_loss
 from metrics import MAX_DROP_PERCENT, PRIMARY_METRIC, drop_percent, evaluate
 from models import BACKBONES, PretrainedWeightsError, UnifiedMultiTaskModel, count_trainable_parameters, pick_device
@@ -52,9 +52,8 @@ FIRST_STAGE_LR_FACTORS = {"backbone": 0.1, "neck": 1.0, "shared_early": 1.0, "sh
 DISTILL_WEIGHTS = {"seg": 4.0, "det_logits": 5.0, "det_feature": 2.5, "cls": 1.0}
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser(description=__doc__.split("\n\n")[0]):
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data_root", default="DL_data")
     p.add_argument("--out_dir", default=".")
     p.add_argument("--backbone", default="efficientnet_b0", choices=BACKBONES)
@@ -82,6 +81,8 @@ def parse_args(argv=None):
     p.add_argument("--distill_temp", type=float, default=2.0)
     p.add_argument("--det_assign", default="region", choices=("region", "center"),
                    help="detection target assignment: region (FCOS-style) or center (reference-style ablation)")
+    p.add_argument("--det_scale_jitter", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="detection training: random zoom between MIN and MAX (e.g. 0.5 1.5) with a small shift")
     p.add_argument("--plateau_patience", type=int, default=8, help="ReduceLROnPlateau patience (epochs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -98,6 +99,11 @@ def parse_args(argv=None):
     p.add_argument("--demo", action="store_true",
                    help="generate the demo dataset in a temporary folder and run the whole pipeline on it")
     p.add_argument("--stop_after_epochs", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulate a kill
+    return p
+
+
+def parse_args(argv=None, parser=None):
+    p = parser or build_parser()
     args = p.parse_args(argv)
     for name in ("epochs_seg", "epochs_det", "epochs_cls", "batch_size", "replay_batch_size", "img_size"):
         if getattr(args, name) < 1:
@@ -136,15 +142,16 @@ def autocast_dtype(amp, device):
     return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
-def parameter_groups(model, primary, learned, factors, base_lr):
+def parameter_groups(model, primaries, learned, factors, base_lr):
     """AdamW groups from the factor table; every trainable parameter lands in exactly one group.
 
-    Heads: the primary task's gets `task_head`, heads of earlier (distilled) tasks get
-    `distill_head`, heads of tasks not learned yet get 0. A module whose factor is 0 is
+    Heads: the primary tasks' (one in a sequential stage, all three in joint.py) get
+    `task_head`, heads of earlier (distilled) tasks get `distill_head`, heads of tasks not
+    learned yet get 0. A module whose factor is 0 is
     frozen (requires_grad off), so autograd skips it: with the backbone frozen in stages 2-3
     a CPU training step is about 3x faster, and a frozen backbone cannot forget."""
     def head_factor(task):
-        if task == primary:
+        if task in primaries:
             return factors["task_head"]
         return factors["distill_head"] if task in learned else 0.0
 
@@ -236,15 +243,22 @@ def setup_logging(out_dir):
 
 
 # ----------------------------------------------------------------------------- one stage
-def train_one_epoch(model, loader, primary, replay_banks, optimizer, scaler, args, device, amp_dtype, progress):
-    """One pass over the primary task's training set; each step adds one replay batch per earlier task."""
+def train_one_epoch(model, batches, replay_banks, optimizer, scaler, args, device, amp_dtype):
+    """One optimiser step per item of `batches`, a dict {task: (images, targets, indices)}: the
+    primary task's batch in a sequential stage (plus one replay batch per earlier task), one
+    batch of every task in joint training."""
     weights = {"seg": args.distill_weight_seg, "det_logits": args.distill_weight_det_logits,
                "det_feature": args.distill_weight_det_feature, "cls": args.distill_weight_cls}
     sums, steps = {}, 0
-    for images, targets, _ in progress(loader):
+    for step_batches in batches:
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            outputs = model(model.prepare_input(images))
-            loss, parts = task_loss(primary, outputs, move_targets(targets, device), args.det_assign)
+            loss, parts = 0.0, {}
+            for task, (images, targets, _) in step_batches.items():
+                outputs = model(model.prepare_input(images))
+                primary_loss, primary_parts = task_loss(task, outputs, move_targets(targets, device),
+                                                        args.det_assign)
+                loss = loss + primary_loss
+                parts.update(primary_parts)
             for task, bank in replay_banks.items():
                 replay_images, teacher_outputs = bank.sample(args.replay_batch_size)
                 with batchnorm_statistics_frozen(model):
@@ -286,7 +300,7 @@ def run_stage(stage, primary, model, data, state, args, device, log):
     amp_dtype = autocast_dtype(args.amp, device)
     prefix = "first_stage_factor_" if stage == 1 else "factor_"
     factors = {name: getattr(args, prefix + name) for name in LR_FACTORS}
-    optimizer = torch.optim.AdamW(parameter_groups(model, primary, learned, factors, base_lr),
+    optimizer = torch.optim.AdamW(parameter_groups(model, [primary], learned, factors, base_lr),
                                   weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5,
                                                            patience=args.plateau_patience)
@@ -315,9 +329,9 @@ def run_stage(stage, primary, model, data, state, args, device, log):
         set_train_mode(model, primary, learned)
         loader = make_loader(data["train"][primary], args.batch_size, shuffle=True, workers=args.workers,
                              pin_memory=device.type == "cuda", seed=args.seed + 1000 * stage + epoch)
-        progress = lambda it: tqdm(it, desc=f"s{stage} {primary} {epoch}/{epochs}", leave=False, disable=None)
-        losses = train_one_epoch(model, loader, primary, replay_banks, optimizer, scaler, args, device, amp_dtype,
-                                 progress)
+        batches = ({primary: batch} for batch in tqdm(loader, desc=f"s{stage} {primary} {epoch}/{epochs}",
+                                                      leave=False, disable=None))
+        losses = train_one_epoch(model, batches, replay_banks, optimizer, scaler, args, device, amp_dtype)
         metrics = validate(model, data["val"], seen, args)
         own = metrics[PRIMARY_METRIC[primary]]
         scheduler.step(own)
@@ -352,6 +366,28 @@ def run_stage(stage, primary, model, data, state, args, device, log):
 
 
 # ----------------------------------------------------------------------------- main
+def refuse_to_overwrite(out_dir, names, hint):
+    """A new run never overwrites the checkpoints or the log of an earlier one."""
+    existing = [name for name in names if (out_dir / name).exists()]
+    if existing:
+        sys.exit(f"error: {out_dir / existing[0]} exists: --out_dir {out_dir} already holds a run; {hint}")
+
+
+def load_data(args):
+    """Train and val sets of every task (decoded once, unless --baseline_mode) and class names."""
+    data = {split: {task: build_dataset(task, args.data_root, split, args.img_size, cache=not args.baseline_mode)
+                    for task in TASKS} for split in ("train", "val")}
+    if args.det_scale_jitter:
+        data["train"]["det"].augment = train_augmentation("det", scale_jitter=args.det_scale_jitter)
+    data["class_names"] = {task: data["val"][task].class_names for task in TASKS}
+    return data
+
+
+def build_model(args, device):
+    model = UnifiedMultiTaskModel(args.backbone, pretrained=args.pretrained).to(device)
+    return model if args.baseline_mode else model.use_channels_last()
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.demo:
@@ -359,18 +395,16 @@ def main(argv=None):
     if args.baseline_mode:  # the reference's recipe, executed the straightforward way
         args.amp, args.factor_backbone = "off", REFERENCE_BACKBONE_FACTOR
     out_dir = Path(args.out_dir)
+    if not args.resume:
+        refuse_to_overwrite(out_dir, ["training_log.jsonl", "last.pt", *CHECKPOINT_NAMES.values()],
+                            "continue it with --resume or choose another --out_dir")
     out_dir.mkdir(parents=True, exist_ok=True)
     log = setup_logging(out_dir)
     try:
         device = pick_device(args.device)
         set_seed(args.seed)
-        cache = not args.baseline_mode
-        data = {split: {task: build_dataset(task, args.data_root, split, args.img_size, cache=cache)
-                        for task in TASKS} for split in ("train", "val")}
-        data["class_names"] = {task: data["val"][task].class_names for task in TASKS}
-        model = UnifiedMultiTaskModel(args.backbone, pretrained=args.pretrained).to(device)
-        if not args.baseline_mode:
-            model.use_channels_last()
+        data = load_data(args)
+        model = build_model(args, device)
         state = {"baselines": {}}
         if args.resume:
             state = resume_state(out_dir, model, args)

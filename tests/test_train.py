@@ -54,7 +54,7 @@ def test_jsonl_log_has_every_seen_task_per_epoch(tiny_run):
 
 def test_parameter_groups_cover_every_parameter_once():
     model = UnifiedMultiTaskModel("efficientnet_lite0", pretrained=False)
-    groups = train.parameter_groups(model, "det", ["seg"], train.LR_FACTORS, base_lr=1e-3)
+    groups = train.parameter_groups(model, ["det"], ["seg"], train.LR_FACTORS, base_lr=1e-3)
     ids = [id(p) for g in groups for p in g["params"]]
     trainable = [id(p) for p in model.parameters() if p.requires_grad]
     assert len(ids) == len(set(ids)) and set(ids) == set(trainable)
@@ -68,7 +68,7 @@ def test_parameter_groups_cover_every_parameter_once():
     assert not any(p.requires_grad for p in model.backbone.parameters())
     assert not any(p.requires_grad for p in model.cls_head.parameters())
     # Stage 1's table trains the backbone again: freezing is per stage, not permanent.
-    groups = train.parameter_groups(model, "seg", [], train.FIRST_STAGE_LR_FACTORS, base_lr=1e-3)
+    groups = train.parameter_groups(model, ["seg"], [], train.FIRST_STAGE_LR_FACTORS, base_lr=1e-3)
     assert {g["name"] for g in groups} >= {"backbone", "seg_head"}
     assert all(p.requires_grad for p in model.backbone.parameters())
 

@@ -1,0 +1,103 @@
+"""Joint-training reference: all three tasks trained together, for comparison with train.py.
+
+Every step takes one batch of each task and sums the three task losses; nothing is
+distilled and nothing needs preserving, so every layer learns with the stage-1 factor
+table (--first_stage_factor_*). Same budget as the sequential pass: by default
+(epochs_seg + epochs_det + epochs_cls) / 3 joint epochs, each of which sees every task's
+training set once, so both see the same number of labelled training images (replay
+images not counted). The kept epoch is the one with the best mean of the three scores.
+
+    python joint.py --data_root DL_data --backbone efficientnet_lite0 --out_dir runs/joint
+    python eval.py --weights runs/joint/model_joint_best.pt --data_root DL_data --tasks all
+
+Takes every flag of train.py that applies (img_size, batch_size, lr_seg as the learning
+rate, first-stage factors, det_scale_jitter, seed, device, amp, ...). Outputs in --out_dir:
+model_joint_best.pt and joint_log.jsonl (one JSON object per epoch).
+"""
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import train
+from datasets import TASKS, DataError, make_loader
+from metrics import PRIMARY_METRIC
+from models import PretrainedWeightsError, pick_device
+
+CHECKPOINT_NAME = "model_joint_best.pt"
+
+
+def parse_args(argv=None):
+    parser = train.build_parser(__doc__.split("\n\n")[0])
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="joint epochs (default: (epochs_seg + epochs_det + epochs_cls) / 3, the same budget)")
+    args = train.parse_args(argv, parser)
+    if args.epochs is None:
+        args.epochs = round((args.epochs_seg + args.epochs_det + args.epochs_cls) / 3)
+    if args.epochs < 1:
+        parser.error(f"--epochs must be at least 1, got {args.epochs}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out_dir = Path(args.out_dir)
+    train.refuse_to_overwrite(out_dir, [CHECKPOINT_NAME, "joint_log.jsonl"], "choose another --out_dir")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        device = pick_device(args.device)
+        train.set_seed(args.seed)
+        data = train.load_data(args)
+        model = train.build_model(args, device)
+    except (DataError, PretrainedWeightsError, ValueError) as err:
+        sys.exit(f"error: {err}")
+
+    factors = {name: getattr(args, "first_stage_factor_" + name) for name in train.LR_FACTORS}
+    optimizer = torch.optim.AdamW(train.parameter_groups(model, TASKS, [], factors, args.lr_seg),
+                                  weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5,
+                                                           patience=args.plateau_patience)
+    amp_dtype = train.autocast_dtype(args.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    print(f"joint training of {', '.join(TASKS)} for {args.epochs} epochs, backbone {args.backbone}, "
+          f"img_size {args.img_size}, device {device}")
+
+    best_score = None
+    for epoch in range(1, args.epochs + 1):
+        started = time.time()
+        train.set_seed(args.seed + epoch)
+        train.set_train_mode(model, None, [])
+        loaders = [make_loader(data["train"][task], args.batch_size, shuffle=True, workers=args.workers,
+                               pin_memory=device.type == "cuda", seed=args.seed + 1000 * k + epoch)
+                   for k, task in enumerate(TASKS)]
+        # zip stops at the shortest loader; the three training sets have 240 images each here
+        steps = tqdm(zip(*loaders), total=min(len(loader) for loader in loaders), desc=f"joint {epoch}/{args.epochs}",
+                     leave=False, disable=None)
+        batches = (dict(zip(TASKS, step)) for step in steps)
+        try:
+            losses = train.train_one_epoch(model, batches, {}, optimizer, scaler, args, device, amp_dtype)
+        except train.NonFiniteLossError as err:
+            sys.exit(f"error: {err}: training stopped; {out_dir / CHECKPOINT_NAME} (if written) is intact")
+        metrics = train.validate(model, data["val"], TASKS, args)
+        score = sum(metrics[PRIMARY_METRIC[task]] for task in TASKS) / len(TASKS)
+        scheduler.step(score)
+        is_best = best_score is None or score > best_score
+        if is_best:
+            best_score = score
+            train.save_atomic(train.checkpoint(model, args, data["class_names"], {}, "joint", epoch, metrics),
+                              out_dir / CHECKPOINT_NAME)
+        record = {"task": "joint", "epoch": epoch, "epochs": args.epochs, "losses": losses, **metrics,
+                  "mean_score": score, "best": is_best, "time_s": round(time.time() - started, 2)}
+        with open(out_dir / "joint_log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        shown = " ".join(f"{PRIMARY_METRIC[task]}={metrics[PRIMARY_METRIC[task]]:.4f}" for task in TASKS)
+        print(f"joint epoch {epoch}/{args.epochs} loss {losses['total']:.4f} {shown}"
+              f"{' *best*' if is_best else ''} ({record['time_s']:.1f}s)")
+    print(f"kept model (best mean score {best_score:.4f}): {out_dir / CHECKPOINT_NAME}")
+
+
+if __name__ == "__main__":
+    main()

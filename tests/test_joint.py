@@ -1,0 +1,58 @@
+"""joint.py (the joint-training reference) and train.py's refusal to overwrite an earlier run."""
+import json
+
+import pytest
+import torch
+
+import eval as eval_script
+import joint
+import train
+from datasets import TASKS
+from models import UnifiedMultiTaskModel
+from test_train import TINY, run_train
+
+
+def test_joint_budget_defaults_to_the_sequential_one():
+    args = joint.parse_args(["--epochs_seg", "6", "--epochs_det", "9", "--epochs_cls", "3"])
+    assert args.epochs == 6
+    assert joint.parse_args(["--epochs", "2"]).epochs == 2
+    with pytest.raises(SystemExit):
+        joint.parse_args(["--epochs", "0"])
+
+
+def test_joint_trains_every_head_and_shared_layer():
+    model = UnifiedMultiTaskModel("efficientnet_lite0", pretrained=False)
+    groups = train.parameter_groups(model, TASKS, [], train.FIRST_STAGE_LR_FACTORS, base_lr=1e-3)
+    names = {g["name"] for g in groups}
+    assert {"seg_head", "det_head", "cls_head", "neck", "shared_late"} <= names
+    assert all(g["factor"] == train.FIRST_STAGE_LR_FACTORS["task_head"] for g in groups if g["name"].endswith("_head"))
+
+
+def test_joint_run_writes_a_checkpoint_eval_scores_the_same(demo_root, tmp_path, capsys):
+    joint.main(["--data_root", str(demo_root), "--out_dir", str(tmp_path), *TINY, "--epochs", "2"])
+    records = [json.loads(line) for line in (tmp_path / "joint_log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    for record in records:
+        assert {"seg", "det", "cls"} <= set(record["losses"]) and {"mIoU", "mAP_50", "top1"} <= set(record)
+    ckpt = torch.load(tmp_path / joint.CHECKPOINT_NAME, weights_only=False)
+    assert ckpt["baselines"] == {} and ckpt["stage"] == "joint"
+    kept = max(records, key=lambda r: r["mean_score"])
+    assert ckpt["epoch"] == kept["epoch"]
+    report = eval_script.main(["--weights", str(tmp_path / joint.CHECKPOINT_NAME), "--data_root", str(demo_root),
+                               "--tasks", "all"])
+    for name in ("mIoU", "mAP_50", "top1"):
+        assert report["metrics"][name] == pytest.approx(kept[name])
+    assert "(no baseline)" in capsys.readouterr().out
+    # A second run into the same folder is refused and leaves the first one's files as they were.
+    before = (tmp_path / "joint_log.jsonl").read_bytes()
+    with pytest.raises(SystemExit, match="already holds a run"):
+        joint.main(["--data_root", str(demo_root), "--out_dir", str(tmp_path), *TINY, "--epochs", "1"])
+    assert (tmp_path / "joint_log.jsonl").read_bytes() == before
+
+
+def test_train_refuses_to_overwrite_an_earlier_run(demo_root, tmp_path):
+    (tmp_path / "model_s1_best.pt").write_bytes(b"an earlier run's checkpoint")
+    with pytest.raises(SystemExit, match="model_s1_best.pt exists.*--resume"):
+        run_train(demo_root, tmp_path)
+    assert (tmp_path / "model_s1_best.pt").read_bytes() == b"an earlier run's checkpoint"
+    assert not (tmp_path / "training_log.jsonl").exists()
