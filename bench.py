@@ -27,7 +27,7 @@ import time
 import torch
 
 import train
-from datasets import TASKS, build_dataset
+from datasets import TASKS, build_dataset, train_augmentation
 from metrics import evaluate
 from models import UnifiedMultiTaskModel, pick_device
 from replay import ReplayBank
@@ -71,6 +71,8 @@ def time_stage_epoch(stage, mode, args, device, data_cache):
     if cache not in data_cache:
         started = time.perf_counter()
         data_cache[cache] = {t: build_dataset(t, args.data_root, "train", args.img_size, cache=cache) for t in TASKS}
+        default_jitter = train.parse_args([]).det_scale_jitter  # train.py's detection augmentation
+        data_cache[cache]["det"].augment = train_augmentation("det", scale_jitter=default_jitter)
         data_cache[(cache, "build_s")] = time.perf_counter() - started
     data = data_cache[cache]
     setup += data_cache[(cache, "build_s")]

@@ -147,8 +147,15 @@ def test_start_from_a_stage_checkpoint_runs_only_the_later_stages(tiny_run, demo
     assert final["baselines"]["mIoU"] == baselines["mIoU"], "the stage-1 baseline carries over"
 
 
-@pytest.mark.parametrize("flags", [["--epochs_det", "0"], ["--img_size", "100"], ["--batch_size", "0"]])
+@pytest.mark.parametrize("flags", [["--epochs_det", "0"], ["--img_size", "100"], ["--batch_size", "0"],
+                                   ["--det_scale_jitter", "1.5,0.5"], ["--det_scale_jitter", "big"]])
 def test_bad_flags_are_rejected(flags, capsys):
     with pytest.raises(SystemExit) as exit_info:
         train.parse_args(flags)
     assert exit_info.value.code == 2 and flags[0] in capsys.readouterr().err
+
+
+def test_det_scale_jitter_flag():
+    assert train.parse_args([]).det_scale_jitter == (0.5, 1.5)
+    assert train.parse_args(["--det_scale_jitter", "off"]).det_scale_jitter is None
+    assert train.parse_args(["--det_scale_jitter", "0.8,1.25"]).det_scale_jitter == (0.8, 1.25)
