@@ -22,6 +22,7 @@ stage 3 (classification with seg + det replay), the stage with the most replay w
 import argparse
 import copy
 import itertools
+import tempfile
 import time
 
 import torch
@@ -128,7 +129,8 @@ def eval_throughput(args, device):
 
 def time_pipeline(args, mode_flags):
     started = time.perf_counter()
-    train.main(["--data_root", args.data_root, "--out_dir", f"/tmp/bench_pipeline_{mode_flags or 'default'}",
+    out_dir = tempfile.mkdtemp(prefix="onehead_bench_")  # a fresh folder: train.py never overwrites a run
+    train.main(["--data_root", args.data_root, "--out_dir", out_dir,
                 "--backbone", args.backbone, "--img_size", str(args.img_size), "--device", args.device,
                 "--epochs_seg", "1", "--epochs_det", "1", "--epochs_cls", "1", *mode_flags.split()])
     return time.perf_counter() - started

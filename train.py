@@ -72,8 +72,8 @@ def build_parser(description=__doc__.split("\n\n")[0]):
     p.add_argument("--backbone", default="efficientnet_b0", choices=BACKBONES)
     p.add_argument("--no-pretrained", dest="pretrained", action="store_false", help="random initialisation")
     p.add_argument("--img_size", type=int, default=224)
-    # Not the reference's 50/70/40: on this data each stage's validation score stops rising by
-    # about these epochs (measured curves in RESULTS.md), and the shorter pass takes a third of the time.
+    # Not the reference's 50/70/40: in the runs measured at 224 px seg and det had reached their
+    # plateau by about these epochs (RESULTS.md), at well under half the time; cls may want more.
     p.add_argument("--epochs_seg", type=int, default=20)
     p.add_argument("--epochs_det", type=int, default=30)
     p.add_argument("--epochs_cls", type=int, default=20)
