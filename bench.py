@@ -28,7 +28,7 @@ import time
 import torch
 
 import train
-from datasets import TASKS, build_dataset, train_augmentation
+from datasets import TASKS, build_dataset
 from metrics import evaluate
 from models import UnifiedMultiTaskModel, pick_device
 from replay import ReplayBank
@@ -71,9 +71,8 @@ def time_stage_epoch(stage, mode, args, device, data_cache):
     setup = 0.0
     if cache not in data_cache:
         started = time.perf_counter()
-        data_cache[cache] = {t: build_dataset(t, args.data_root, "train", args.img_size, cache=cache) for t in TASKS}
-        default_jitter = train.parse_args([]).det_scale_jitter  # train.py's detection augmentation
-        data_cache[cache]["det"].augment = train_augmentation("det", scale_jitter=default_jitter)
+        recipe = train.parse_args(["--data_root", args.data_root, "--img_size", str(args.img_size)])
+        data_cache[cache] = {t: train.build_train_set(t, recipe, cache) for t in TASKS}
         data_cache[(cache, "build_s")] = time.perf_counter() - started
     data = data_cache[cache]
     setup += data_cache[(cache, "build_s")]

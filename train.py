@@ -388,12 +388,17 @@ def refuse_to_overwrite(out_dir, names, hint):
         sys.exit(f"error: {out_dir / existing[0]} exists: --out_dir {out_dir} already holds a run; {hint}")
 
 
+def build_train_set(task, args, cache=True):
+    """A task's training set with train.py's augmentation (detection adds --det_scale_jitter)."""
+    augment = train_augmentation(task, scale_jitter=args.det_scale_jitter if task == "det" else None)
+    return build_dataset(task, args.data_root, "train", args.img_size, cache=cache, augment=augment)
+
+
 def load_data(args):
     """Train and val sets of every task (decoded once, unless --baseline_mode) and class names."""
-    data = {split: {task: build_dataset(task, args.data_root, split, args.img_size, cache=not args.baseline_mode)
-                    for task in TASKS} for split in ("train", "val")}
-    if args.det_scale_jitter:
-        data["train"]["det"].augment = train_augmentation("det", scale_jitter=args.det_scale_jitter)
+    cache = not args.baseline_mode
+    data = {"train": {task: build_train_set(task, args, cache) for task in TASKS},
+            "val": {task: build_dataset(task, args.data_root, "val", args.img_size, cache=cache) for task in TASKS}}
     data["class_names"] = {task: data["val"][task].class_names for task in TASKS}
     return data
 

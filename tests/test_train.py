@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+from torchvision.transforms import v2
 
 import train
 from losses import distillation_loss
@@ -159,3 +160,13 @@ def test_det_scale_jitter_flag():
     assert train.parse_args([]).det_scale_jitter == (0.5, 1.5)
     assert train.parse_args(["--det_scale_jitter", "off"]).det_scale_jitter is None
     assert train.parse_args(["--det_scale_jitter", "0.8,1.25"]).det_scale_jitter == (0.8, 1.25)
+
+
+def test_detection_train_set_gets_the_scale_jitter_flag(demo_root):
+    def has_zoom(flags):
+        args = train.parse_args(["--data_root", str(demo_root), "--img_size", "64", *flags])
+        return any(isinstance(op, v2.RandomAffine) for op in train.build_train_set("det", args).augment.transforms)
+
+    assert has_zoom([]) and not has_zoom(["--det_scale_jitter", "off"])
+    args = train.parse_args(["--data_root", str(demo_root), "--img_size", "64"])
+    assert not any(isinstance(op, v2.RandomAffine) for op in train.build_train_set("seg", args).augment.transforms)
