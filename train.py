@@ -477,6 +477,7 @@ def resume_state(out_dir, model, args):
                          f"{state['args']['img_size']}; pass the same flags")
     model.load_state_dict(state.pop("model"))
     state.pop("args")
+    state.pop("epochs_this_run", None)  # counts this invocation's epochs only (--stop_after_epochs)
     return state
 
 

@@ -108,6 +108,9 @@ def test_resume_after_an_interruption_gives_the_same_outputs(demo_root, tmp_path
     with pytest.raises(SystemExit):   # killed after stage 1 and one detection epoch
         run_train(demo_root, resumed, "--epochs_det", "2", "--stop_after_epochs", "2")
     assert (resumed / "model_s1_best.pt").exists() and not (resumed / "model_final_best_1pass.pt").exists()
+    with pytest.raises(SystemExit):   # killed again: a resumed run counts only its own epochs
+        run_train(demo_root, resumed, "--epochs_det", "2", "--resume", "--stop_after_epochs", "1")
+    assert len((resumed / "training_log.jsonl").read_text().splitlines()) == 3
     run_train(demo_root, resumed, "--epochs_det", "2", "--resume")
     a = torch.load(straight / "model_final_best_1pass.pt", weights_only=False)
     b = torch.load(resumed / "model_final_best_1pass.pt", weights_only=False)
