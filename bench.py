@@ -91,7 +91,7 @@ def time_stage_epoch(stage, mode, args, device, data_cache):
     synchronize(device)
     setup += time.perf_counter() - started
 
-    factors = train.FIRST_STAGE_LR_FACTORS if stage == 1 else {**train.LR_FACTORS, "backbone": backbone_factor}
+    factors = train.LR_FACTORS[1] if stage == 1 else {**train.LR_FACTORS[stage], "backbone": backbone_factor}
     optimizer = torch.optim.AdamW(train.parameter_groups(model, [primary], learned, factors, 1e-4))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     train.set_train_mode(model, primary, learned)

@@ -1,11 +1,11 @@
 """Joint-training reference: all three tasks trained together, for comparison with train.py.
 
 Every step takes one batch of each task and sums the three task losses; nothing is
-distilled and nothing needs preserving, so every layer learns with the stage-1 factor
-table (--first_stage_factor_*). Same budget as the sequential pass: by default
-(epochs_seg + epochs_det + epochs_cls) / 3 joint epochs, each of which sees every task's
-training set once, so both see the same number of labelled training images (replay
-images not counted). The kept epoch is the one with the best mean of the three scores.
+distilled and nothing needs preserving, so every layer learns with train.py's stage-1
+learning-rate factors (--lr_factor 1 MODULE VALUE overrides one). Same budget as the
+sequential pass: by default (epochs_seg + epochs_det + epochs_cls) / 3 joint epochs, each
+of which sees every task's training set once, so both see the same number of labelled
+training images (replay images not counted). The kept epoch is the one with the best mean of the three scores.
 
     python joint.py --data_root DL_data --backbone efficientnet_lite0 --out_dir runs/joint
     python eval.py --weights runs/joint/model_joint_best.pt --data_root DL_data --tasks all
@@ -55,8 +55,7 @@ def main(argv=None):
     except (DataError, PretrainedWeightsError, ValueError) as err:
         sys.exit(f"error: {err}")
 
-    factors = {name: getattr(args, "first_stage_factor_" + name) for name in train.LR_FACTORS}
-    optimizer = torch.optim.AdamW(train.parameter_groups(model, TASKS, [], factors, args.lr_seg),
+    optimizer = torch.optim.AdamW(train.parameter_groups(model, TASKS, [], args.lr_factors[1], args.lr_seg),
                                   weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5,
                                                            patience=args.plateau_patience)

@@ -40,15 +40,27 @@ from replay import ReplayBank
 STAGES = ((1, "seg"), (2, "det"), (3, "cls"))  # the order of the single pass
 CHECKPOINT_NAMES = {1: "model_s1_best.pt", 2: "model_s2_best.pt", 3: "model_final_best_1pass.pt"}
 
-# Learning-rate factors (x the stage's base LR) for stages that must preserve earlier tasks
-# (the reference README's values). Stage 1 has nothing to preserve: see --first_stage_factor_*.
-# Backbone 0 (frozen) instead of the reference's 0.005: at its 1e-4 base LR that was a
-# 5e-7 learning rate, frozen in all but cost; frozen, autograd skips the backbone entirely.
+# Learning-rate factors (x the stage's base LR) of each module, per stage; override one entry
+# with --lr_factor STAGE MODULE VALUE. Stage 1 has nothing to preserve: everything learns,
+# the ImageNet backbone slowly. Stages 2-3 start from the reference README's table, with two
+# measured changes (RESULTS.md):
+# - backbone 0 (frozen) instead of 0.005: at its 1e-4 base LR that was a 5e-7 learning rate,
+#   frozen in all but cost; frozen, autograd skips the backbone entirely;
+# - stage 3 lets the neck and the early/mid shared convs learn 10x/10x/6x faster: the features
+#   segmentation left there hold too little of what the backbone knows about the Imagenette
+#   classes (a linear probe on them tops out near 0.73), and the detection replay's
+#   shared-feature distillation keeps them in place for the earlier tasks. In stage 2 the same
+#   plasticity cost segmentation up to 13% of its mIoU, so stage 2 keeps the reference's values.
 REFERENCE_BACKBONE_FACTOR = 0.005
-LR_FACTORS = {"backbone": 0.0, "neck": 0.01, "shared_early": 0.01, "shared_mid": 0.05,
-              "shared_late": 1.0, "task_head": 1.0, "distill_head": 0.2}
-FIRST_STAGE_LR_FACTORS = {"backbone": 0.1, "neck": 1.0, "shared_early": 1.0, "shared_mid": 1.0,
-                          "shared_late": 1.0, "task_head": 1.0, "distill_head": 1.0}
+LR_FACTORS = {
+    1: {"backbone": 0.1, "neck": 1.0, "shared_early": 1.0, "shared_mid": 1.0, "shared_late": 1.0,
+        "task_head": 1.0, "distill_head": 1.0},
+    2: {"backbone": 0.0, "neck": 0.01, "shared_early": 0.01, "shared_mid": 0.05, "shared_late": 1.0,
+        "task_head": 1.0, "distill_head": 0.2},
+    3: {"backbone": 0.0, "neck": 0.1, "shared_early": 0.1, "shared_mid": 0.3, "shared_late": 1.0,
+        "task_head": 1.0, "distill_head": 0.2},
+}
+MODULES = tuple(LR_FACTORS[1])
 DISTILL_WEIGHTS = {"seg": 4.0, "det_logits": 5.0, "det_feature": 2.5, "cls": 1.0}
 
 
@@ -82,13 +94,13 @@ def build_parser(description=__doc__.split("\n\n")[0]):
     # 10x the reference's 1e-4: with 240 images an epoch is only 8 steps for the randomly
     # initialised neck and heads. The runs in RESULTS.md used 1e-3; 1e-4 was not re-measured here.
     p.add_argument("--lr_seg", type=float, default=1e-3)
-    p.add_argument("--lr_det", type=float, default=1e-3)
+    p.add_argument("--lr_det", type=float, default=3e-3)
     p.add_argument("--lr_cls", type=float, default=1e-3)
     p.add_argument("--weight_decay", type=float, default=1e-4)
-    for name, value in LR_FACTORS.items():
-        p.add_argument(f"--factor_{name}", type=float, default=value, help=f"LR factor of {name} in stages 2-3")
-    for name, value in FIRST_STAGE_LR_FACTORS.items():
-        p.add_argument(f"--first_stage_factor_{name}", type=float, default=value, help=f"LR factor of {name} in stage 1")
+    p.add_argument("--lr_factor", nargs=3, action="append", default=[], metavar=("STAGE", "MODULE", "VALUE"),
+                   help=f"override one entry of the LR factor table (x the stage's --lr_*; 0 freezes), e.g. "
+                        f"--lr_factor 3 neck 0.05; repeatable. MODULE: {', '.join(MODULES)}. "
+                        f"Defaults: {LR_FACTORS}")
     p.add_argument("--distill_weight_seg", type=float, default=DISTILL_WEIGHTS["seg"])
     p.add_argument("--distill_weight_det_logits", type=float, default=DISTILL_WEIGHTS["det_logits"])
     p.add_argument("--distill_weight_det_feature", type=float, default=DISTILL_WEIGHTS["det_feature"])
@@ -123,6 +135,17 @@ def parse_args(argv=None, parser=None):
     for name in ("epochs_seg", "epochs_det", "epochs_cls", "batch_size", "replay_batch_size", "img_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    args.lr_factors = {stage: dict(table) for stage, table in LR_FACTORS.items()}
+    for stage, module, value in args.lr_factor:
+        if stage not in ("1", "2", "3") or module not in MODULES:
+            p.error(f"--lr_factor {stage} {module} {value}: expected STAGE 1, 2 or 3 and MODULE one of "
+                    f"{', '.join(MODULES)}")
+        try:
+            args.lr_factors[int(stage)][module] = float(value)
+        except ValueError:
+            p.error(f"--lr_factor {stage} {module} {value}: VALUE must be a number")
+        if args.lr_factors[int(stage)][module] < 0:
+            p.error(f"--lr_factor {stage} {module} {value}: VALUE must be >= 0")
     if args.img_size % 32:
         p.error(f"--img_size must be a multiple of 32 (the backbone's stride), got {args.img_size}")
     return args
@@ -313,9 +336,7 @@ def run_stage(stage, primary, model, data, state, args, device, log):
     epochs = getattr(args, f"epochs_{primary}")
     base_lr = getattr(args, f"lr_{primary}")
     amp_dtype = autocast_dtype(args.amp, device)
-    prefix = "first_stage_factor_" if stage == 1 else "factor_"
-    factors = {name: getattr(args, prefix + name) for name in LR_FACTORS}
-    optimizer = torch.optim.AdamW(parameter_groups(model, [primary], learned, factors, base_lr),
+    optimizer = torch.optim.AdamW(parameter_groups(model, [primary], learned, args.lr_factors[stage], base_lr),
                                   weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5,
                                                            patience=args.plateau_patience)
@@ -413,7 +434,8 @@ def main(argv=None):
     if args.demo:
         apply_demo_settings(args)
     if args.baseline_mode:  # the reference's recipe, executed the straightforward way
-        args.amp, args.factor_backbone = "off", REFERENCE_BACKBONE_FACTOR
+        args.amp = "off"
+        args.lr_factors[2]["backbone"] = args.lr_factors[3]["backbone"] = REFERENCE_BACKBONE_FACTOR
     out_dir = Path(args.out_dir)
     if not args.resume:
         refuse_to_overwrite(out_dir, ["training_log.jsonl", "last.pt", *CHECKPOINT_NAMES.values()],

@@ -22,10 +22,10 @@ def test_joint_budget_defaults_to_the_sequential_one():
 
 def test_joint_trains_every_head_and_shared_layer():
     model = UnifiedMultiTaskModel("efficientnet_lite0", pretrained=False)
-    groups = train.parameter_groups(model, TASKS, [], train.FIRST_STAGE_LR_FACTORS, base_lr=1e-3)
+    groups = train.parameter_groups(model, TASKS, [], train.LR_FACTORS[1], base_lr=1e-3)
     names = {g["name"] for g in groups}
     assert {"seg_head", "det_head", "cls_head", "neck", "shared_late"} <= names
-    assert all(g["factor"] == train.FIRST_STAGE_LR_FACTORS["task_head"] for g in groups if g["name"].endswith("_head"))
+    assert all(g["factor"] == train.LR_FACTORS[1]["task_head"] for g in groups if g["name"].endswith("_head"))
 
 
 def test_joint_run_writes_a_checkpoint_eval_scores_the_same(demo_root, tmp_path, capsys):

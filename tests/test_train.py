@@ -55,21 +55,21 @@ def test_jsonl_log_has_every_seen_task_per_epoch(tiny_run):
 
 def test_parameter_groups_cover_every_parameter_once():
     model = UnifiedMultiTaskModel("efficientnet_lite0", pretrained=False)
-    groups = train.parameter_groups(model, ["det"], ["seg"], train.LR_FACTORS, base_lr=1e-3)
+    groups = train.parameter_groups(model, ["det"], ["seg"], train.LR_FACTORS[2], base_lr=1e-3)
     ids = [id(p) for g in groups for p in g["params"]]
     trainable = [id(p) for p in model.parameters() if p.requires_grad]
     assert len(ids) == len(set(ids)) and set(ids) == set(trainable)
     lr = {g["name"]: g["lr"] for g in groups}
-    assert lr["neck"] == pytest.approx(1e-3 * train.LR_FACTORS["neck"])
-    assert lr["shared_late"] == pytest.approx(1e-3 * train.LR_FACTORS["shared_late"])
-    assert lr["det_head"] == pytest.approx(1e-3 * train.LR_FACTORS["task_head"])
-    assert lr["seg_head"] == pytest.approx(1e-3 * train.LR_FACTORS["distill_head"])
+    assert lr["neck"] == pytest.approx(1e-3 * train.LR_FACTORS[2]["neck"])
+    assert lr["shared_late"] == pytest.approx(1e-3 * train.LR_FACTORS[2]["shared_late"])
+    assert lr["det_head"] == pytest.approx(1e-3 * train.LR_FACTORS[2]["task_head"])
+    assert lr["seg_head"] == pytest.approx(1e-3 * train.LR_FACTORS[2]["distill_head"])
     # Factor 0 freezes: the default table freezes the backbone; a task not learned yet is not trained.
     assert "backbone" not in lr and "cls_head" not in lr
     assert not any(p.requires_grad for p in model.backbone.parameters())
     assert not any(p.requires_grad for p in model.cls_head.parameters())
     # Stage 1's table trains the backbone again: freezing is per stage, not permanent.
-    groups = train.parameter_groups(model, ["seg"], [], train.FIRST_STAGE_LR_FACTORS, base_lr=1e-3)
+    groups = train.parameter_groups(model, ["seg"], [], train.LR_FACTORS[1], base_lr=1e-3)
     assert {g["name"] for g in groups} >= {"backbone", "seg_head"}
     assert all(p.requires_grad for p in model.backbone.parameters())
 
@@ -152,11 +152,20 @@ def test_start_from_a_stage_checkpoint_runs_only_the_later_stages(tiny_run, demo
 
 
 @pytest.mark.parametrize("flags", [["--epochs_det", "0"], ["--img_size", "100"], ["--batch_size", "0"],
-                                   ["--det_scale_jitter", "1.5,0.5"], ["--det_scale_jitter", "big"]])
+                                   ["--det_scale_jitter", "1.5,0.5"], ["--det_scale_jitter", "big"],
+                                   ["--lr_factor", "4", "neck", "0.1"], ["--lr_factor", "3", "head", "0.1"],
+                                   ["--lr_factor", "3", "neck", "fast"], ["--lr_factor", "3", "neck", "-1"]])
 def test_bad_flags_are_rejected(flags, capsys):
     with pytest.raises(SystemExit) as exit_info:
         train.parse_args(flags)
     assert exit_info.value.code == 2 and flags[0] in capsys.readouterr().err
+
+
+def test_lr_factor_overrides_one_entry_of_one_stage():
+    args = train.parse_args(["--lr_factor", "3", "neck", "0.5", "--lr_factor", "1", "backbone", "0"])
+    assert args.lr_factors[3]["neck"] == 0.5 and args.lr_factors[1]["backbone"] == 0.0
+    assert args.lr_factors[2] == train.LR_FACTORS[2], "other stages keep their defaults"
+    assert train.LR_FACTORS[3]["neck"] != 0.5, "the module-level table is not modified"
 
 
 def test_det_scale_jitter_flag():
