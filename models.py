@@ -182,10 +182,7 @@ class UnifiedMultiTaskModel(nn.Module):
         """images: (N, 3, H, W) in [0, 1]. Returns a dict of
         seg (N, 21, H, W), seg_coarse (N, 21, H/16, W/16), det (N, 5+C, H/16, W/16),
         cls (N, C) and feat (N, 256, H/16, W/16), the last shared feature map."""
-        x = (images - self.mean) / self.std
-        s16, s32 = self.backbone(x)
-        s32 = F.interpolate(s32, size=s16.shape[-2:], mode="bilinear", align_corners=False)
-        feat = self.shared_conv3(self.shared_conv2(self.shared_conv1(self.neck(torch.cat([s16, s32], 1)))))
+        feat = self.feature_maps(images)["shared_conv3"]
         seg_coarse = self.seg_head(feat)
         return {
             "seg": F.interpolate(seg_coarse, size=images.shape[-2:], mode="bilinear", align_corners=False),
@@ -194,6 +191,19 @@ class UnifiedMultiTaskModel(nn.Module):
             "cls": self.cls_head(feat.mean(dim=(2, 3))),
             "feat": feat,
         }
+
+
+    def feature_maps(self, images):
+        """The stride-16 maps on the way to the heads, in order: the backbone's s32 output
+        (upsampled), the neck's, and each shared conv's (probe.py looks inside with this)."""
+        x = (images - self.mean) / self.std
+        s16, s32 = self.backbone(x)
+        s32 = F.interpolate(s32, size=s16.shape[-2:], mode="bilinear", align_corners=False)
+        maps = {"backbone_s32": s32, "neck": self.neck(torch.cat([s16, s32], 1))}
+        x = maps["neck"]
+        for name in ("shared_conv1", "shared_conv2", "shared_conv3"):
+            x = maps[name] = getattr(self, name)(x)
+        return maps
 
 
 def pick_device(name: str) -> torch.device:

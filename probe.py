@@ -1,0 +1,88 @@
+"""Linear probe: how much of the classification task each layer of a checkpoint still holds.
+
+For every stride-16 map on the way to the heads (backbone, neck, shared convs 1-3), the
+Imagenette images are passed through the checkpoint, each map is average-pooled, and a
+logistic regression (standardised features, L2, L-BFGS) is fitted on the train split and
+scored on val. A layer whose probe is low cannot give the GAP + Linear cls head much,
+whatever the head learns: it shows where a sequential pass loses what the backbone knew.
+
+    python probe.py --weights runs/seed0/model_s2_best.pt --data_root DL_data
+"""
+import argparse
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from datasets import DataError, build_dataset, make_loader
+from eval import load_model
+from models import pick_device
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--weights", required=True, help="a checkpoint written by train.py")
+    p.add_argument("--data_root", default="DL_data")
+    p.add_argument("--weight_decay", type=float, default=1e-2, help="L2 weight of the logistic regression")
+    p.add_argument("--device", default="auto")
+    return p.parse_args(argv)
+
+
+@torch.no_grad()  # not inference_mode: the probe fits on these tensors with autograd
+def pooled_features(model, dataset, batch_size=32):
+    """({layer: (N, C) pooled features}, (N,) labels) over a dataset."""
+    features, labels = {}, []
+    for images, targets, _ in make_loader(dataset, batch_size, shuffle=False):
+        for name, fmap in model.feature_maps(model.prepare_input(images)).items():
+            features.setdefault(name, []).append(fmap.float().mean(dim=(2, 3)).cpu())
+        labels.append(targets)
+    return {name: torch.cat(chunks) for name, chunks in features.items()}, torch.cat(labels)
+
+
+def probe_accuracy(train_x, train_y, val_x, val_y, num_classes, weight_decay, max_iter=300):
+    """Fit a multinomial logistic regression on (train_x, train_y); Top-1 on (train, val)."""
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6  # statistics of the train split only
+    train_x, val_x = (train_x - mean) / std, (val_x - mean) / std
+    weight = torch.zeros(train_x.shape[1], num_classes, requires_grad=True)
+    bias = torch.zeros(num_classes, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(train_x @ weight + bias, train_y) + weight_decay * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        return [((x @ weight + bias).argmax(1) == y).float().mean().item()
+                for x, y in ((train_x, train_y), (val_x, val_y))]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        device = pick_device(args.device)
+        model, ckpt = load_model(args.weights, device)
+        # train=False: no augmentation, so the probe is deterministic
+        splits = {split: build_dataset("cls", args.data_root, split, ckpt["img_size"], train=False, cache=False)
+                  for split in ("train", "val")}
+    except (DataError, ValueError) as err:
+        sys.exit(f"error: {err}")
+    train_x, train_y = pooled_features(model, splits["train"])
+    val_x, val_y = pooled_features(model, splits["val"])
+    num_classes = len(splits["val"].class_names)
+    print(f"linear probe of {args.weights} (stage {ckpt.get('stage')}) on cls: "
+          f"{len(train_y)} train / {len(val_y)} val images")
+    print(f"{'layer':<14} {'channels':>8} {'train top1':>10} {'val top1':>9}")
+    results = {}
+    for name in train_x:
+        train_acc, val_acc = probe_accuracy(train_x[name], train_y, val_x[name], val_y, num_classes,
+                                            args.weight_decay)
+        results[name] = val_acc
+        print(f"{name:<14} {train_x[name].shape[1]:>8} {train_acc:>10.4f} {val_acc:>9.4f}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
