@@ -42,22 +42,19 @@ CHECKPOINT_NAMES = {1: "model_s1_best.pt", 2: "model_s2_best.pt", 3: "model_fina
 
 # Learning-rate factors (x the stage's base LR) of each module, per stage; override one entry
 # with --lr_factor STAGE MODULE VALUE. Stage 1 has nothing to preserve: everything learns,
-# the ImageNet backbone slowly. Stages 2-3 start from the reference README's table, with two
-# measured changes (RESULTS.md):
-# - backbone 0 (frozen) instead of 0.005: at its 1e-4 base LR that was a 5e-7 learning rate,
-#   frozen in all but cost; frozen, autograd skips the backbone entirely;
-# - stage 3 lets the neck and the early/mid shared convs learn 10x/10x/6x faster: the features
-#   segmentation left there hold too little of what the backbone knows about the Imagenette
-#   classes (probe.py: 0.95 from the backbone, 0.70 from the last shared conv), and the detection replay's
-#   shared-feature distillation keeps them in place for the earlier tasks. In stage 2 the same
-#   plasticity cost segmentation up to 13% of its mIoU, so stage 2 keeps the reference's values.
+# the ImageNet backbone slowly. Stages 2-3 use the reference README's table, except the
+# backbone: 0 (frozen) instead of 0.005, which at its 1e-4 base LR was a 5e-7 learning rate,
+# frozen in all but cost; frozen, autograd skips the backbone entirely.
+# A more plastic stage 3 (neck / early / mid 0.1 / 0.1 / 0.3) raises Top-1 from about 0.73
+# to 0.83 but moves detection's noisy mAP more: one seed of three broke its 5% rule
+# (RESULTS.md), so it is an option (README), not the default.
 REFERENCE_BACKBONE_FACTOR = 0.005
 LR_FACTORS = {
     1: {"backbone": 0.1, "neck": 1.0, "shared_early": 1.0, "shared_mid": 1.0, "shared_late": 1.0,
         "task_head": 1.0, "distill_head": 1.0},
     2: {"backbone": 0.0, "neck": 0.01, "shared_early": 0.01, "shared_mid": 0.05, "shared_late": 1.0,
         "task_head": 1.0, "distill_head": 0.2},
-    3: {"backbone": 0.0, "neck": 0.1, "shared_early": 0.1, "shared_mid": 0.3, "shared_late": 1.0,
+    3: {"backbone": 0.0, "neck": 0.01, "shared_early": 0.01, "shared_mid": 0.05, "shared_late": 1.0,
         "task_head": 1.0, "distill_head": 0.2},
 }
 MODULES = tuple(LR_FACTORS[1])
@@ -94,7 +91,7 @@ def build_parser(description=__doc__.split("\n\n")[0]):
     # 10x the reference's 1e-4: with 240 images an epoch is only 8 steps for the randomly
     # initialised neck and heads. The runs in RESULTS.md used 1e-3; 1e-4 was not re-measured here.
     p.add_argument("--lr_seg", type=float, default=1e-3)
-    p.add_argument("--lr_det", type=float, default=3e-3)
+    p.add_argument("--lr_det", type=float, default=1e-3)
     p.add_argument("--lr_cls", type=float, default=1e-3)
     p.add_argument("--weight_decay", type=float, default=1e-4)
     p.add_argument("--lr_factor", nargs=3, action="append", default=[], metavar=("STAGE", "MODULE", "VALUE"),
