@@ -107,6 +107,9 @@ def build_parser(description=__doc__.split("\n\n")[0]):
                    help="detection target assignment: region (FCOS-style) or center (reference-style ablation)")
     p.add_argument("--det_scale_jitter", type=scale_range, default="0.5,1.5", metavar="MIN,MAX",
                    help="detection training: random zoom between MIN and MAX with a small shift; 'off' disables it")
+    p.add_argument("--select_window", type=int, default=1, metavar="N",
+                   help="keep the stage's checkpoint by the mean of its metric over the last N epochs (1: that "
+                        "epoch's alone); the baseline stays the kept epoch's own score")
     p.add_argument("--plateau_patience", type=int, default=8, help="ReduceLROnPlateau patience (epochs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -129,7 +132,8 @@ def build_parser(description=__doc__.split("\n\n")[0]):
 def parse_args(argv=None, parser=None):
     p = parser or build_parser()
     args = p.parse_args(argv)
-    for name in ("epochs_seg", "epochs_det", "epochs_cls", "batch_size", "replay_batch_size", "img_size"):
+    for name in ("epochs_seg", "epochs_det", "epochs_cls", "batch_size", "replay_batch_size", "img_size",
+                 "select_window"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     args.lr_factors = {stage: dict(table) for stage, table in LR_FACTORS.items()}
@@ -255,10 +259,15 @@ def checkpoint(model, args, class_names, baselines, stage, epoch, metrics):
             "metrics": metrics, "args": vars(args)}
 
 
-def selection_key(metrics, primary, baselines):
-    """Stage's own metric, but an epoch that kept every earlier task within 5% always wins."""
+def selection_key(metrics, primary, baselines, recent_scores=None):
+    """Stage's own metric, but an epoch that kept every earlier task within 5% always wins.
+
+    With `recent_scores` (the own metric of this and the previous epochs) the own metric is
+    their mean, so one lucky epoch on 60 images does not become the stage's checkpoint and
+    a baseline that later stages cannot get back to (--select_window)."""
     kept = all(drop_percent(baselines[m], metrics[m]) <= MAX_DROP_PERCENT for m in baselines)
-    return (kept, metrics[PRIMARY_METRIC[primary]])
+    own = sum(recent_scores) / len(recent_scores) if recent_scores else metrics[PRIMARY_METRIC[primary]]
+    return (kept, own)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -354,6 +363,8 @@ def run_stage(stage, primary, model, data, state, args, device, log):
         scaler.load_state_dict(state["scaler"])
         start_epoch, best_key = state["epoch"] + 1, state["best_key"]
         replay_rng.set_state(state["replay_rng"])
+    else:
+        state["recent_scores"] = []
 
     log.info(f"stage {stage}: {primary} for {epochs} epochs, lr {base_lr:g}, distilling {learned or 'nothing'}")
     for epoch in range(start_epoch, epochs + 1):
@@ -368,7 +379,8 @@ def run_stage(stage, primary, model, data, state, args, device, log):
         metrics = validate(model, data["val"], seen, args)
         own = metrics[PRIMARY_METRIC[primary]]
         scheduler.step(own)
-        key = selection_key(metrics, primary, state["baselines"])
+        state["recent_scores"] = (state.get("recent_scores", []) + [own])[-args.select_window:]
+        key = selection_key(metrics, primary, state["baselines"], state["recent_scores"])
         is_best = best_key is None or tuple(key) > tuple(best_key)
         if is_best:
             best_key = key

@@ -102,16 +102,18 @@ def test_distillation_is_zero_when_student_equals_teacher(task):
 
 
 def test_resume_after_an_interruption_gives_the_same_outputs(demo_root, tmp_path):
+    # --select_window 2: the recent scores it averages must survive the interruption too
     straight = tmp_path / "straight"
-    run_train(demo_root, straight, "--epochs_det", "2")
+    run_train(demo_root, straight, "--epochs_det", "2", "--select_window", "2")
     resumed = tmp_path / "resumed"
     with pytest.raises(SystemExit):   # killed after stage 1 and one detection epoch
-        run_train(demo_root, resumed, "--epochs_det", "2", "--stop_after_epochs", "2")
+        run_train(demo_root, resumed, "--epochs_det", "2", "--select_window", "2", "--stop_after_epochs", "2")
     assert (resumed / "model_s1_best.pt").exists() and not (resumed / "model_final_best_1pass.pt").exists()
     with pytest.raises(SystemExit):   # killed again: a resumed run counts only its own epochs
-        run_train(demo_root, resumed, "--epochs_det", "2", "--resume", "--stop_after_epochs", "1")
+        run_train(demo_root, resumed, "--epochs_det", "2", "--select_window", "2", "--resume",
+                  "--stop_after_epochs", "1")
     assert len((resumed / "training_log.jsonl").read_text().splitlines()) == 3
-    run_train(demo_root, resumed, "--epochs_det", "2", "--resume")
+    run_train(demo_root, resumed, "--epochs_det", "2", "--select_window", "2", "--resume")
     a = torch.load(straight / "model_final_best_1pass.pt", weights_only=False)
     b = torch.load(resumed / "model_final_best_1pass.pt", weights_only=False)
     assert a["baselines"] == b["baselines"] and a["metrics"] == b["metrics"]
@@ -154,7 +156,8 @@ def test_start_from_a_stage_checkpoint_runs_only_the_later_stages(tiny_run, demo
 @pytest.mark.parametrize("flags", [["--epochs_det", "0"], ["--img_size", "100"], ["--batch_size", "0"],
                                    ["--det_scale_jitter", "1.5,0.5"], ["--det_scale_jitter", "big"],
                                    ["--lr_factor", "4", "neck", "0.1"], ["--lr_factor", "3", "head", "0.1"],
-                                   ["--lr_factor", "3", "neck", "fast"], ["--lr_factor", "3", "neck", "-1"]])
+                                   ["--lr_factor", "3", "neck", "fast"], ["--lr_factor", "3", "neck", "-1"],
+                                   ["--select_window", "0"]])
 def test_bad_flags_are_rejected(flags, capsys):
     with pytest.raises(SystemExit) as exit_info:
         train.parse_args(flags)
@@ -166,6 +169,17 @@ def test_lr_factor_overrides_one_entry_of_one_stage():
     assert args.lr_factors[3]["neck"] == 0.5 and args.lr_factors[1]["backbone"] == 0.0
     assert args.lr_factors[2] == train.LR_FACTORS[2], "other stages keep their defaults"
     assert train.LR_FACTORS[3]["neck"] != 0.5, "the module-level table is not modified"
+
+
+def test_selection_prefers_kept_epochs_then_the_smoothed_own_metric():
+    baselines = {"mIoU": 0.5}
+    kept, broken = {"mIoU": 0.49, "mAP_50": 0.10}, {"mIoU": 0.40, "mAP_50": 0.30}
+    assert train.selection_key(kept, "det", baselines) > train.selection_key(broken, "det", baselines)
+    # A lone peak loses to a steady run once the window smooths it.
+    peak = train.selection_key({**kept, "mAP_50": 0.30}, "det", baselines, recent_scores=[0.10, 0.10, 0.30])
+    steady = train.selection_key({**kept, "mAP_50": 0.20}, "det", baselines, recent_scores=[0.20, 0.20, 0.20])
+    assert steady > peak
+    assert train.selection_key(kept, "det", baselines, recent_scores=[0.10]) == (True, 0.10)
 
 
 def test_det_scale_jitter_flag():
