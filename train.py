@@ -46,8 +46,8 @@ CHECKPOINT_NAMES = {1: "model_s1_best.pt", 2: "model_s2_best.pt", 3: "model_fina
 # backbone: 0 (frozen) instead of 0.005, which at its 1e-4 base LR was a 5e-7 learning rate,
 # frozen in all but cost; frozen, autograd skips the backbone entirely.
 # A more plastic stage 3 (neck / early / mid 0.1 / 0.1 / 0.3) raises Top-1 from about 0.73
-# to 0.83 but moves detection's noisy mAP more: one seed of three broke its 5% rule
-# (RESULTS.md), so it is an option (README), not the default.
+# to 0.83 but moves detection's noisy mAP more: one seed of three broke its 5% rule, none
+# with --select_window 3, with less margin than the defaults (RESULTS.md); an option (README).
 REFERENCE_BACKBONE_FACTOR = 0.005
 LR_FACTORS = {
     1: {"backbone": 0.1, "neck": 1.0, "shared_early": 1.0, "shared_mid": 1.0, "shared_late": 1.0,
