@@ -5,7 +5,8 @@ distilled and nothing needs preserving, so every layer learns with train.py's st
 learning-rate factors (--lr_factor 1 MODULE VALUE overrides one). Same budget as the
 sequential pass: by default (epochs_seg + epochs_det + epochs_cls) / 3 joint epochs, each
 of which sees every task's training set once, so both see the same number of labelled
-training images (replay images not counted). The kept epoch is the one with the best mean of the three scores.
+training images (replay images not counted). The kept epoch is the one with the best
+mean of the three scores.
 
     python joint.py --data_root DL_data --backbone efficientnet_lite0 --out_dir runs/joint
     python eval.py --weights runs/joint/model_joint_best.pt --data_root DL_data --tasks all

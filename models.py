@@ -192,7 +192,6 @@ class UnifiedMultiTaskModel(nn.Module):
             "feat": feat,
         }
 
-
     def feature_maps(self, images):
         """The stride-16 maps on the way to the heads, in order: the backbone's s32 output
         (upsampled), the neck's, and each shared conv's (probe.py looks inside with this)."""

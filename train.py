@@ -138,7 +138,7 @@ def parse_args(argv=None, parser=None):
             p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     args.lr_factors = {stage: dict(table) for stage, table in LR_FACTORS.items()}
     for stage, module, value in args.lr_factor:
-        if stage not in ("1", "2", "3") or module not in MODULES:
+        if stage not in map(str, LR_FACTORS) or module not in MODULES:
             p.error(f"--lr_factor {stage} {module} {value}: expected STAGE 1, 2 or 3 and MODULE one of "
                     f"{', '.join(MODULES)}")
         try:
