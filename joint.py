@@ -1,20 +1,26 @@
-"""Joint-training reference: all three tasks trained together, for comparison with train.py.
+"""Joint-training reference: the tasks trained together, for comparison with train.py.
 
-Every step takes one batch of each task and sums the three task losses; nothing is
-distilled and nothing needs preserving, so every layer learns with train.py's stage-1
+Every step takes one batch of each task and sums the task losses; nothing is distilled
+and nothing needs preserving, so every layer learns with train.py's stage-1
 learning-rate factors (--lr_factor 1 MODULE VALUE overrides one). Same budget as the
 sequential pass: by default (epochs_seg + epochs_det + epochs_cls) / 3 joint epochs, each
 of which sees every task's training set once, so both see the same number of labelled
 training images (replay images not counted). The kept epoch is the one with the best
-mean of the three scores.
+mean of the tasks' scores.
+
+`--tasks det` (or any subset) trains only those tasks: with one task it is the single-task
+reference, the score that task reaches when nothing else shares the network (budget: the
+mean of the listed tasks' --epochs_*, so a task's own stage length when it is alone).
 
     python joint.py --data_root DL_data --backbone efficientnet_lite0 --out_dir runs/joint
     python eval.py --weights runs/joint/model_joint_best.pt --data_root DL_data --tasks all
 
-Takes every flag of train.py that applies (img_size, batch_size, lr_seg as the learning
-rate, first-stage factors, det_scale_jitter, seed, device, amp, ...). Outputs in --out_dir:
-model_joint_best.pt and joint_log.jsonl (one JSON object per epoch).
+Takes every flag of train.py that applies (img_size, batch_size, first-stage factors,
+det_scale_jitter, seed, device, amp, ...); the learning rate is the first listed task's
+(--lr_seg by default). Outputs in --out_dir: model_joint_best.pt and joint_log.jsonl (one
+JSON object per epoch).
 """
+import argparse
 import json
 import sys
 import time
@@ -31,13 +37,25 @@ from models import PretrainedWeightsError, pick_device
 CHECKPOINT_NAME = "model_joint_best.pt"
 
 
+def task_list(text):
+    """'seg,det' -> ['seg', 'det'] in the order of the single pass; 'all' -> every task."""
+    names = TASKS if text == "all" else text.split(",")
+    unknown = [name for name in names if name not in TASKS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"expected 'all' or a comma-separated subset of {','.join(TASKS)}, "
+                                         f"got {text!r}")
+    return [task for task in TASKS if task in names]
+
+
 def parse_args(argv=None):
     parser = train.build_parser(__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", type=task_list, default="all",
+                        help="tasks trained together: 'all' or a subset such as 'det' (a single-task reference)")
     parser.add_argument("--epochs", type=int, default=None,
-                        help="joint epochs (default: (epochs_seg + epochs_det + epochs_cls) / 3, the same budget)")
+                        help="joint epochs (default: the mean of the listed tasks' --epochs_*, the same budget)")
     args = train.parse_args(argv, parser)
     if args.epochs is None:
-        args.epochs = round((args.epochs_seg + args.epochs_det + args.epochs_cls) / 3)
+        args.epochs = round(sum(getattr(args, f"epochs_{task}") for task in args.tasks) / len(args.tasks))
     if args.epochs < 1:
         parser.error(f"--epochs must be at least 1, got {args.epochs}")
     return args
@@ -56,13 +74,14 @@ def main(argv=None):
     except (DataError, PretrainedWeightsError, ValueError) as err:
         sys.exit(f"error: {err}")
 
-    optimizer = torch.optim.AdamW(train.parameter_groups(model, TASKS, [], args.lr_factors[1], args.lr_seg),
+    tasks, lr = args.tasks, getattr(args, f"lr_{args.tasks[0]}")
+    optimizer = torch.optim.AdamW(train.parameter_groups(model, tasks, [], args.lr_factors[1], lr),
                                   weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5,
                                                            patience=args.plateau_patience)
     amp_dtype = train.autocast_dtype(args.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    print(f"joint training of {', '.join(TASKS)} for {args.epochs} epochs, backbone {args.backbone}, "
+    print(f"joint training of {', '.join(tasks)} for {args.epochs} epochs, backbone {args.backbone}, "
           f"img_size {args.img_size}, device {device}")
 
     best_score = None
@@ -72,28 +91,28 @@ def main(argv=None):
         train.set_train_mode(model, None, [])
         loaders = [make_loader(data["train"][task], args.batch_size, shuffle=True, workers=args.workers,
                                pin_memory=device.type == "cuda", seed=args.seed + 1000 * k + epoch)
-                   for k, task in enumerate(TASKS)]
+                   for k, task in enumerate(tasks)]
         # zip stops at the shortest loader; the three training sets have 240 images each here
         steps = tqdm(zip(*loaders), total=min(len(loader) for loader in loaders), desc=f"joint {epoch}/{args.epochs}",
                      leave=False, disable=None)
-        batches = (dict(zip(TASKS, step)) for step in steps)
+        batches = (dict(zip(tasks, step)) for step in steps)
         try:
             losses = train.train_one_epoch(model, batches, {}, optimizer, scaler, args, device, amp_dtype)
         except train.NonFiniteLossError as err:
             sys.exit(f"error: {err}: training stopped; {out_dir / CHECKPOINT_NAME} (if written) is intact")
-        metrics = train.validate(model, data["val"], TASKS, args)
-        score = sum(metrics[PRIMARY_METRIC[task]] for task in TASKS) / len(TASKS)
+        metrics = train.validate(model, data["val"], tasks, args)
+        score = sum(metrics[PRIMARY_METRIC[task]] for task in tasks) / len(tasks)
         scheduler.step(score)
         is_best = best_score is None or score > best_score
         if is_best:
             best_score = score
             train.save_atomic(train.checkpoint(model, args, data["class_names"], {}, "joint", epoch, metrics),
                               out_dir / CHECKPOINT_NAME)
-        record = {"task": "joint", "epoch": epoch, "epochs": args.epochs, "losses": losses, **metrics,
+        record = {"task": "joint", "tasks": tasks, "epoch": epoch, "epochs": args.epochs, "losses": losses, **metrics,
                   "mean_score": score, "best": is_best, "time_s": round(time.time() - started, 2)}
         with open(out_dir / "joint_log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
-        shown = " ".join(f"{PRIMARY_METRIC[task]}={metrics[PRIMARY_METRIC[task]]:.4f}" for task in TASKS)
+        shown = " ".join(f"{PRIMARY_METRIC[task]}={metrics[PRIMARY_METRIC[task]]:.4f}" for task in tasks)
         print(f"joint epoch {epoch}/{args.epochs} loss {losses['total']:.4f} {shown}"
               f"{' *best*' if is_best else ''} ({record['time_s']:.1f}s)")
     print(f"kept model (best mean score {best_score:.4f}): {out_dir / CHECKPOINT_NAME}")

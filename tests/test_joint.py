@@ -18,6 +18,17 @@ def test_joint_budget_defaults_to_the_sequential_one():
     assert joint.parse_args(["--epochs", "2"]).epochs == 2
     with pytest.raises(SystemExit):
         joint.parse_args(["--epochs", "0"])
+    # A single task alone gets its own stage's length; a subset the mean of theirs.
+    assert joint.parse_args(["--tasks", "det", "--epochs_det", "9"]).epochs == 9
+    assert joint.parse_args(["--tasks", "cls,seg", "--epochs_seg", "6", "--epochs_cls", "3"]).epochs == 4
+
+
+def test_joint_tasks_flag_rejects_unknown_tasks(capsys):
+    assert joint.parse_args(["--tasks", "det,seg"]).tasks == ["seg", "det"]  # the single pass's order
+    for bad in ("box", "det,", ""):
+        with pytest.raises(SystemExit):
+            joint.parse_args(["--tasks", bad])
+        assert "--tasks" in capsys.readouterr().err
 
 
 def test_joint_trains_every_head_and_shared_layer():
@@ -56,3 +67,17 @@ def test_train_refuses_to_overwrite_an_earlier_run(demo_root, tmp_path):
         run_train(demo_root, tmp_path)
     assert (tmp_path / "model_s1_best.pt").read_bytes() == b"an earlier run's checkpoint"
     assert not (tmp_path / "training_log.jsonl").exists()
+
+
+def test_single_task_reference_trains_only_that_task(demo_root, tmp_path):
+    joint.main(["--data_root", str(demo_root), "--out_dir", str(tmp_path), *TINY, "--epochs", "1", "--tasks", "det"])
+    record = json.loads((tmp_path / "joint_log.jsonl").read_text())
+    assert record["tasks"] == ["det"] and "mAP_50" in record and "mIoU" not in record and "top1" not in record
+    assert {"det", "det_box"} <= set(record["losses"]) and not {"seg", "cls"} & set(record["losses"])
+    trained = torch.load(tmp_path / joint.CHECKPOINT_NAME, weights_only=False)["model"]
+    # The heads of the tasks not listed got no gradient: they are still at their initialisation.
+    train.set_seed(0)  # joint.main builds its model right after the same call
+    fresh = UnifiedMultiTaskModel("efficientnet_lite0", pretrained=False).state_dict()
+    for name in ("seg_head", "cls_head", "det_head"):
+        same = all(torch.equal(trained[k], fresh[k]) for k in fresh if k.startswith(name))
+        assert same == (name != "det_head"), name
