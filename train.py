@@ -103,9 +103,6 @@ def build_parser(description=__doc__.split("\n\n")[0]):
     p.add_argument("--distill_weight_det_feature", type=float, default=DISTILL_WEIGHTS["det_feature"])
     p.add_argument("--distill_weight_cls", type=float, default=DISTILL_WEIGHTS["cls"])
     p.add_argument("--distill_temp", type=float, default=2.0)
-    p.add_argument("--distill_primary", type=float, default=0.0, metavar="FACTOR",
-                   help="also distil the earlier tasks' outputs on the primary task's own images (classic LwF), "
-                        "with FACTOR x the replay weights (no feature term); 0 disables")
     p.add_argument("--det_assign", default="region", choices=("region", "center"),
                    help="detection target assignment: region (FCOS-style) or center (reference-style ablation)")
     p.add_argument("--det_scale_jitter", type=scale_range, default="0.5,1.5", metavar="MIN,MAX",
@@ -290,47 +287,22 @@ def setup_logging(out_dir):
 
 
 # ----------------------------------------------------------------------------- one stage
-def train_one_epoch(model, batches, replay_banks, optimizer, scaler, args, device, amp_dtype, teacher=None,
-                    learned=()):
+def train_one_epoch(model, batches, replay_banks, optimizer, scaler, args, device, amp_dtype):
     """One optimiser step per item of `batches`, a dict {task: (images, targets, indices)}: the
     primary task's batch in a sequential stage (plus one replay batch per earlier task), one
-    batch of every task in joint training.
-
-    With a `teacher` and --distill_primary > 0, the `learned` (earlier) tasks are also
-    distilled on the primary task's own images (classic LwF): their outputs only, not the
-    shared feature map, so the new task may still reshape the features in directions the
-    old heads ignore."""
+    batch of every task in joint training."""
     weights = {"seg": args.distill_weight_seg, "det_logits": args.distill_weight_det_logits,
                "det_feature": args.distill_weight_det_feature, "cls": args.distill_weight_cls}
-    primary_weights = {name: w * getattr(args, "distill_primary", 0.0) for name, w in weights.items()}
-    primary_weights["det_feature"] = 0.0
-    # Stages 2-3 freeze the backbone by default, so the teacher's backbone is the student's.
-    shares_frozen_backbone = not any(p.requires_grad for p in model.backbone.parameters())
     sums, steps = {}, 0
     for step_batches in batches:
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             loss, parts = 0.0, {}
             for task, (images, targets, _) in step_batches.items():
-                inputs = model.prepare_input(images)
-                distil_here = teacher is not None and bool(learned) and any(primary_weights.values())
-                features = None
-                if distil_here and shares_frozen_backbone:  # one backbone pass serves student and teacher
-                    with torch.no_grad():
-                        features = model.backbone_features(inputs)
-                outputs = model(inputs, features)
+                outputs = model(model.prepare_input(images))
                 primary_loss, primary_parts = task_loss(task, outputs, move_targets(targets, device),
                                                         args.det_assign)
                 loss = loss + primary_loss
                 parts.update(primary_parts)
-                if distil_here:
-                    with torch.no_grad():
-                        teacher_outputs = teacher(inputs, features)
-                    for old_task in learned:
-                        distill, distill_parts = distillation_loss(old_task, outputs, teacher_outputs,
-                                                                   primary_weights, args.distill_temp)
-                        loss = loss + distill
-                        parts.update({f"{name}_on_{task}": value for name, value in distill_parts.items()
-                                      if name != "distill_feat"})
             for task, bank in replay_banks.items():
                 replay_images, teacher_outputs = bank.sample(args.replay_batch_size)
                 with batchnorm_statistics_frozen(model):
@@ -376,7 +348,7 @@ def run_stage(stage, primary, model, data, state, args, device, log):
                                                            patience=args.plateau_patience)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
-    replay_banks, replay_rng, teacher = {}, torch.Generator().manual_seed(args.seed + stage), None
+    replay_banks, replay_rng = {}, torch.Generator().manual_seed(args.seed + stage)
     if learned:  # the model as the previous stage left it (its kept checkpoint), frozen
         teacher = copy.deepcopy(model).eval().requires_grad_(False)
         previous = torch.load(out_dir / CHECKPOINT_NAMES[stage - 1], map_location="cpu", weights_only=False)
@@ -403,8 +375,7 @@ def run_stage(stage, primary, model, data, state, args, device, log):
                              pin_memory=device.type == "cuda", seed=args.seed + 1000 * stage + epoch)
         batches = ({primary: batch} for batch in tqdm(loader, desc=f"s{stage} {primary} {epoch}/{epochs}",
                                                       leave=False, disable=None))
-        losses = train_one_epoch(model, batches, replay_banks, optimizer, scaler, args, device, amp_dtype,
-                                 teacher=teacher, learned=learned)
+        losses = train_one_epoch(model, batches, replay_banks, optimizer, scaler, args, device, amp_dtype)
         metrics = validate(model, data["val"], seen, args)
         own = metrics[PRIMARY_METRIC[primary]]
         scheduler.step(own)

@@ -101,36 +101,6 @@ def test_distillation_is_zero_when_student_equals_teacher(task):
     assert distillation_loss(task, other, outputs, weights, temperature=2.0)[0].item() > 1e-3
 
 
-def one_detection_step(demo_root, teacher_noise, distill_primary=1.0):
-    """The logged losses of one stage-2 step (no replay batch) whose teacher is the student
-    with `teacher_noise` added to its segmentation head."""
-    import copy
-
-    from datasets import build_dataset, make_loader
-
-    torch.manual_seed(0)
-    model = UnifiedMultiTaskModel("efficientnet_lite0", pretrained=False)
-    teacher = copy.deepcopy(model).eval().requires_grad_(False)
-    with torch.no_grad():
-        for p in teacher.seg_head.parameters():
-            p.add_(teacher_noise * torch.randn_like(p))
-    args = train.parse_args(["--distill_primary", str(distill_primary)])
-    optimizer = torch.optim.AdamW(train.parameter_groups(model, ["det"], ["seg"], train.LR_FACTORS[2], 1e-3))
-    train.set_train_mode(model, "det", ["seg"])
-    batch = next(iter(make_loader(build_dataset("det", demo_root, "train", 64), 4, shuffle=False)))
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    return train.train_one_epoch(model, [{"det": batch}], {}, optimizer, scaler, args, torch.device("cpu"), None,
-                                 teacher=teacher, learned=["seg"])
-
-
-def test_primary_images_distil_the_earlier_tasks(demo_root):
-    """--distill_primary: the earlier task's outputs are distilled on the new task's own images
-    (zero while the student still equals its teacher, positive once they differ)."""
-    assert one_detection_step(demo_root, teacher_noise=0.0)["distill_seg_on_det"] == pytest.approx(0.0, abs=1e-6)
-    assert one_detection_step(demo_root, teacher_noise=0.5)["distill_seg_on_det"] > 1e-3
-    assert "distill_seg_on_det" not in one_detection_step(demo_root, teacher_noise=0.5, distill_primary=0.0)
-
-
 def test_resume_after_an_interruption_gives_the_same_outputs(demo_root, tmp_path):
     # --select_window 2: the recent scores it averages must survive the interruption too
     straight = tmp_path / "straight"
