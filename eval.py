@@ -35,6 +35,8 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--device", default="auto")
     p.add_argument("--img_size", type=int, help="input size (default: the checkpoint's)")
+    p.add_argument("--bootstrap", type=int, default=0, metavar="N",
+                   help="also print a 95%% interval of each score from N resamples of the val images (e.g. 1000)")
     p.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
     p.add_argument("--save_vis", metavar="DIR", help="write a few prediction pictures per task")
     p.add_argument("--num_vis", type=int, default=4, help="pictures per task with --save_vis")
@@ -44,6 +46,8 @@ def parse_args(argv=None):
     if unknown or not tasks:
         p.error(f"--tasks: unknown task(s) {unknown}; expected 'all' or a comma list of seg, det, cls")
     args.tasks = tasks
+    if args.bootstrap < 0:
+        p.error(f"--bootstrap must be 0 (off) or a number of resamples, got {args.bootstrap}")
     return args
 
 
@@ -87,7 +91,7 @@ def main(argv=None):
               "img_size": img_size, "weights": str(args.weights), "details": {},
               "class_names": ckpt.get("class_names", {})}
     for task in args.tasks:
-        scores = evaluate(model, datasets[task], task, batch_size=args.batch_size)
+        scores = evaluate(model, datasets[task], task, batch_size=args.batch_size, bootstrap=args.bootstrap)
         name = PRIMARY_METRIC[task]
         report["metrics"][name] = scores.pop(name)
         report["details"].update(scores)
@@ -112,17 +116,21 @@ def main(argv=None):
 
 def print_table(report, tasks):
     print(f"backbone {report['backbone']}, img_size {report['img_size']}, weights {report['weights']}")
+    details = report["details"]
     print(f"{'task':<5} {'metric':<7} {'baseline':>9} {'final':>8} {'drop %':>8}  result")
     for task in tasks:
         name = PRIMARY_METRIC[task]
         final = report["metrics"][name]
         if name in report["baselines"]:
             verdict = "MET" if report["met"][name] else "NOT MET"
-            print(f"{task:<5} {name:<7} {report['baselines'][name]:>9.4f} {final:>8.4f} "
-                  f"{report['drops'][name]:>8.2f}  {verdict}")
+            row = (f"{task:<5} {name:<7} {report['baselines'][name]:>9.4f} {final:>8.4f} "
+                   f"{report['drops'][name]:>8.2f}  {verdict}")
         else:
-            print(f"{task:<5} {name:<7} {'-':>9} {final:>8.4f} {'-':>8}  (no baseline)")
-    details = report["details"]
+            row = f"{task:<5} {name:<7} {'-':>9} {final:>8.4f} {'-':>8}  (no baseline)"
+        if f"{name}_ci95" in details:
+            low, high = details[f"{name}_ci95"]
+            row += f"  (final 95% bootstrap interval {low:.4f}-{high:.4f})"
+        print(row)
     if details.get("mIoU_fg") is not None:
         print(f"seg   mIoU over the 20 foreground classes, background pixels ignored (the reference README's "
               f"variant): {details['mIoU_fg']:.4f}")

@@ -20,6 +20,10 @@ from datasets import make_loader
 from detection import decode
 
 
+class UndefinedMetricError(ValueError):
+    """The data seen has nothing the metric is defined on (every pixel void, no ground-truth box)."""
+
+
 def _no_data_error(name):
     # A score computed from nothing would look like a real 0.0 in a log or table.
     return ValueError(f"{name}.compute() called before any update(): there is nothing to score")
@@ -62,17 +66,25 @@ class SegmentationMetric:
         union = cm.sum(0) + cm.sum(1) - tp
         return [float(t / u) if u > 0 else None for t, u in zip(tp.tolist(), union.tolist())]
 
-    def compute(self):
+    def confusion_matrix(self):
+        """(C, C) counts so far, rows = ground truth, columns = prediction."""
         if self._num_updates == 0:
             raise _no_data_error(type(self).__name__)
-        cm = self._confmat.compute().double()
+        return self._confmat.compute()
+
+    def compute(self):
+        return self.scores_from_confusion(self.confusion_matrix())
+
+    @classmethod
+    def scores_from_confusion(cls, cm):
+        cm = cm.double()
         if cm.sum() == 0:
-            raise ValueError("SegmentationMetric: every pixel seen so far was void; mIoU is undefined")
+            raise UndefinedMetricError("SegmentationMetric: every pixel seen so far was void; mIoU is undefined")
 
         # Standard VOC mIoU: mean over the classes that occur in the ground truth
         # or the prediction somewhere in the dataset. A class absent from both has
         # no IoU at all, so it is left out rather than counted as 0 or 1.
-        iou = self._iou(cm)
+        iou = cls._iou(cm)
         present = [v for v in iou if v is not None]
 
         # mIoU_fg is the reference README's variant, kept only for comparison with
@@ -82,7 +94,7 @@ class SegmentationMetric:
         # it still counts as a miss (FN) for that class.
         cm_fg = cm.clone()
         cm_fg[0, :] = 0
-        iou_fg = [v for v in self._iou(cm_fg)[1:] if v is not None]
+        iou_fg = [v for v in cls._iou(cm_fg)[1:] if v is not None]
 
         return {
             "mIoU": sum(present) / len(present),
@@ -156,7 +168,7 @@ class DetectionMetric:
         # no class has a non-crowd ground-truth box.
         map50 = float(out["map_50"])
         if map50 < 0:
-            raise ValueError("DetectionMetric: no non-crowd ground-truth box seen; mAP@0.5 is undefined")
+            raise UndefinedMetricError("DetectionMetric: no non-crowd ground-truth box seen; mAP@0.5 is undefined")
         # With iou_thresholds=[0.5], torchmetrics' per-class "map" is the AP at 0.5.
         # It lists only classes seen in predictions or targets, and squeezes the
         # tensors to 0-d when there is a single class, hence the flatten().
@@ -215,15 +227,19 @@ METRICS = {"seg": SegmentationMetric, "det": DetectionMetric, "cls": Classificat
 
 
 @torch.inference_mode()
-def evaluate(model, dataset, task, batch_size=32):
+def evaluate(model, dataset, task, batch_size=32, bootstrap=0, seed=0):
     """Score `model` on one task's dataset against its original-resolution ground truth.
 
     Segmentation logits are resized to each image's own mask size (not masks to the
     input); boxes are mapped back to original image pixels. Used by train.py's
     validation and by eval.py, so both report the same numbers (always in float32, so a
-    baseline measured during bf16 training compares exactly with eval.py)."""
+    baseline measured during bf16 training compares exactly with eval.py).
+
+    `bootstrap` > 0 adds `<metric>_ci95`: the 2.5 and 97.5 percentiles of the metric over that
+    many resamples of the images with replacement (how much the score depends on which
+    60 images happen to be in the val set)."""
     model.eval()
-    metric = METRICS[task]()
+    per_image = []  # (prediction, target) of every image, in the form the metric's update() takes
     for images, _, indices in make_loader(dataset, batch_size, shuffle=False):
         outputs = model(model.prepare_input(images))
         indices = indices.tolist()
@@ -231,10 +247,50 @@ def evaluate(model, dataset, task, batch_size=32):
             for logits, i in zip(outputs["seg_coarse"].float(), indices):
                 mask = dataset.eval_target(i)
                 logits = F.interpolate(logits[None], size=mask.shape, mode="bilinear", align_corners=False)
-                metric.update(logits[0].argmax(0), mask)
+                per_image.append((logits[0].argmax(0).to(torch.uint8), mask))
         elif task == "det":
             sizes = [dataset.original_size(i) for i in indices]
-            metric.update(decode(outputs["det"], sizes), [dataset.eval_target(i) for i in indices])
+            per_image += [([pred], [dataset.eval_target(i)]) for pred, i in zip(decode(outputs["det"], sizes), indices)]
         else:
-            metric.update(outputs["cls"].float(), torch.tensor([dataset.eval_target(i) for i in indices]))
-    return metric.compute()
+            per_image += [(logits[None], torch.tensor([dataset.eval_target(i)]))
+                          for logits, i in zip(outputs["cls"].float(), indices)]
+    scores = score_images(task, per_image)
+    if bootstrap:
+        scores[f"{PRIMARY_METRIC[task]}_ci95"] = bootstrap_interval(task, per_image, bootstrap, seed)
+    return scores
+
+
+def filled_metric(task, per_image):
+    """The task's metric after update() with every (prediction, target) pair."""
+    metric = METRICS[task]()
+    for prediction, target in per_image:
+        metric.update(prediction, target)
+    return metric
+
+
+def score_images(task, per_image):
+    return filled_metric(task, per_image).compute()
+
+
+def bootstrap_interval(task, per_image, resamples, seed=0):
+    """[2.5, 97.5] percentiles of the task's metric over image resamples drawn with replacement."""
+    if task == "seg":  # one confusion matrix per image, summed per resample (the same mIoU, much faster)
+        matrices = torch.stack([filled_metric(task, [item]).confusion_matrix() for item in per_image])
+
+        def score(picks):
+            return SegmentationMetric.scores_from_confusion(matrices[picks].sum(0))["mIoU"]
+    else:
+        def score(picks):
+            return score_images(task, [per_image[i] for i in picks])[PRIMARY_METRIC[task]]
+    generator = torch.Generator().manual_seed(seed)
+    values = []
+    for _ in range(resamples):
+        picks = torch.randint(len(per_image), (len(per_image),), generator=generator).tolist()
+        try:
+            values.append(score(picks))
+        except UndefinedMetricError:  # a resample without any ground truth (tiny sets only): no score
+            continue
+    if not values:
+        raise ValueError(f"bootstrap: no resample of the {len(per_image)} {task} images could be scored")
+    low, high = np.percentile(values, [2.5, 97.5])
+    return [float(low), float(high)]

@@ -49,6 +49,17 @@ def test_baseline_flags_override_and_drop_formula(trained, demo_root, tmp_path):
     assert set(report["metrics"]) == {"top1"}
 
 
+def test_bootstrap_flag_prints_an_interval_per_score(trained, demo_root, capsys):
+    report = eval_script.main(["--weights", str(trained / "model_final_best_1pass.pt"), "--data_root",
+                               str(demo_root), "--tasks", "seg,cls", "--bootstrap", "20"])
+    for name in ("mIoU", "top1"):
+        low, high = report["details"][f"{name}_ci95"]
+        assert 0.0 <= low <= high <= 1.0
+    assert capsys.readouterr().out.count("95% bootstrap interval") == 2
+    with pytest.raises(SystemExit):
+        eval_script.parse_args(["--weights", "w.pt", "--bootstrap", "-1"])
+
+
 def test_stage1_checkpoint_evaluates_seg_and_det_without_a_det_baseline(trained, demo_root):
     report = eval_script.main(["--weights", str(trained / "model_s1_best.pt"), "--data_root", str(demo_root),
                                "--tasks", "seg,det"])

@@ -331,3 +331,40 @@ def test_det_without_any_ground_truth_raises():
     m.update([P([A], [0.9], [0])], [T([], [])])
     with pytest.raises(ValueError, match="undefined"):
         m.compute()
+
+
+# ----------------------------------------------------------------------------- bootstrap intervals
+def test_bootstrap_of_identical_images_collapses_to_the_score():
+    from metrics import bootstrap_interval, score_images
+
+    mask = torch.tensor([[0, 1], [1, 2]], dtype=torch.uint8)
+    pred = torch.tensor([[0, 1], [2, 2]], dtype=torch.uint8)
+    items = [(pred, mask)] * 5
+    score = score_images("seg", items)["mIoU"]
+    assert bootstrap_interval("seg", items, 50) == pytest.approx([score, score])
+
+
+def test_seg_bootstrap_matches_rescoring_each_resample():
+    """The fast path (summed per-image confusion matrices) gives what scoring the masks gives."""
+    import numpy as np
+
+    from metrics import bootstrap_interval, score_images
+
+    torch.manual_seed(0)
+    items = [(torch.randint(0, 4, (6, 6), dtype=torch.uint8), torch.randint(0, 4, (6, 6), dtype=torch.uint8))
+             for _ in range(8)]
+    generator, values = torch.Generator().manual_seed(3), []
+    for _ in range(40):
+        picks = torch.randint(len(items), (len(items),), generator=generator).tolist()
+        values.append(score_images("seg", [items[i] for i in picks])["mIoU"])
+    assert bootstrap_interval("seg", items, 40, seed=3) == pytest.approx(list(np.percentile(values, [2.5, 97.5])))
+
+
+def test_cls_bootstrap_interval_brackets_a_noisy_accuracy():
+    from metrics import bootstrap_interval
+
+    logits = torch.zeros(1, 10)
+    logits[0, 1] = 1.0
+    items = [(logits, torch.tensor([k % 2])) for k in range(40)]  # half of them right
+    low, high = bootstrap_interval("cls", items, 300)
+    assert 0.25 < low < 0.5 < high < 0.75
