@@ -11,6 +11,8 @@ Modes (each one adds a single optimisation to the previous, so the table is an a
     +teacher_cache  the frozen teacher's replay outputs computed once per stage (both flips)
     +frozen_backbone  stages 2-3 freeze the backbone (LR factor 0) instead of the reference's
                     0.005, so autograd skips it (stage 1 is unchanged)
+    +keep_freed_memory  glibc keeps freed memory instead of returning it to the OS
+                    (train.keep_freed_memory; the modes before it use glibc's own limits)
     default         + bf16 autocast where the device has native bf16 (what train.py does)
 
 Throughput counts primary-task training images per second of a whole epoch (240 images,
@@ -33,13 +35,14 @@ from metrics import evaluate
 from models import UnifiedMultiTaskModel, pick_device
 from replay import ReplayBank
 
-MODES = {  # name: (channels_last, cache, teacher_cache, backbone factor in stages 2-3, amp)
-    "baseline": (False, False, False, train.REFERENCE_BACKBONE_FACTOR, "off"),
-    "+channels_last": (True, False, False, train.REFERENCE_BACKBONE_FACTOR, "off"),
-    "+cache": (True, True, False, train.REFERENCE_BACKBONE_FACTOR, "off"),
-    "+teacher_cache": (True, True, True, train.REFERENCE_BACKBONE_FACTOR, "off"),
-    "+frozen_backbone": (True, True, True, 0.0, "off"),
-    "default": (True, True, True, 0.0, "auto"),
+MODES = {  # name: (channels_last, cache, teacher_cache, backbone factor in stages 2-3, keep freed memory, amp)
+    "baseline": (False, False, False, train.REFERENCE_BACKBONE_FACTOR, False, "off"),
+    "+channels_last": (True, False, False, train.REFERENCE_BACKBONE_FACTOR, False, "off"),
+    "+cache": (True, True, False, train.REFERENCE_BACKBONE_FACTOR, False, "off"),
+    "+teacher_cache": (True, True, True, train.REFERENCE_BACKBONE_FACTOR, False, "off"),
+    "+frozen_backbone": (True, True, True, 0.0, False, "off"),
+    "+keep_freed_memory": (True, True, True, 0.0, True, "off"),
+    "default": (True, True, True, 0.0, True, "auto"),
 }
 
 
@@ -65,7 +68,8 @@ def synchronize(device):
 
 def time_stage_epoch(stage, mode, args, device, data_cache):
     """(primary img/s of one epoch, one-time setup seconds) for a stage under a mode."""
-    channels_last, cache, teacher_cache, backbone_factor, amp = MODES[mode]
+    channels_last, cache, teacher_cache, backbone_factor, keep_memory, amp = MODES[mode]
+    train.keep_freed_memory(keep_memory)
     primary = train.STAGES[stage - 1][1]
     learned = [task for _, task in train.STAGES[:stage - 1]]
     setup = 0.0

@@ -63,6 +63,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    train.keep_freed_memory()
     out_dir = Path(args.out_dir)
     train.refuse_to_overwrite(out_dir, [CHECKPOINT_NAME, "joint_log.jsonl"], "choose another --out_dir")
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ last.pt (for --resume).
 import argparse
 import contextlib
 import copy
+import ctypes
 import json
 import logging
 import math
@@ -118,8 +119,8 @@ def build_parser(description=__doc__.split("\n\n")[0]):
                    help="autocast dtype; auto = bf16 (fp16 + grad scaler on older GPUs); on CPU bf16 where native")
     p.add_argument("--baseline_mode", action="store_true",
                    help="the straightforward way, for speed comparisons: decode every image every epoch, "
-                        "teacher forward on every replay batch, default memory format, float32, and the "
-                        "reference's backbone LR factor 0.005 in stages 2-3")
+                        "teacher forward on every replay batch, default memory format, float32, glibc's own "
+                        "memory limits, and the reference's backbone LR factor 0.005 in stages 2-3")
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.pt")
     p.add_argument("--start_from", metavar="CKPT", help="begin after the stage of this stage checkpoint (e.g. "
                    "model_s1_best.pt: run stages 2-3 only), with its weights and baselines")
@@ -179,6 +180,23 @@ def autocast_dtype(amp, device):
         native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
         return torch.bfloat16 if native else None
     return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def keep_freed_memory(enabled=True):
+    """Linux/glibc: keep freed memory in the process instead of handing every block over 32 MiB
+    back to the OS, which made each CPU step page-fault its activations in again (a training
+    step at 320 px ran 1.2x faster with this on the 2-core CPU; bench.py, RESULTS.md). Speed
+    only, results are unchanged. `enabled=False` restores glibc's own limits (for bench.py);
+    a no-op where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # macOS, Windows, musl: nothing to tune
+        return
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # mallopt parameters from <malloc.h>
+    mmap_threshold, trim_threshold, top_pad = (1 << 30, 1 << 30, 256 << 20) if enabled else (32 << 20, 64 << 20, 0)
+    libc.mallopt(m_mmap_threshold, mmap_threshold)
+    libc.mallopt(m_trim_threshold, trim_threshold)
+    libc.mallopt(m_top_pad, top_pad)
 
 
 def parameter_groups(model, primaries, learned, factors, base_lr):
@@ -445,6 +463,7 @@ def main(argv=None):
     if args.baseline_mode:  # the reference's recipe, executed the straightforward way
         args.amp = "off"
         args.lr_factors[2]["backbone"] = args.lr_factors[3]["backbone"] = REFERENCE_BACKBONE_FACTOR
+    keep_freed_memory(not args.baseline_mode)
     out_dir = Path(args.out_dir)
     if not args.resume:
         refuse_to_overwrite(out_dir, ["training_log.jsonl", "last.pt", *CHECKPOINT_NAMES.values()],
