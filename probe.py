@@ -25,6 +25,7 @@ def parse_args(argv=None):
     p.add_argument("--data_root", default="DL_data")
     p.add_argument("--weight_decay", type=float, default=1e-2, help="L2 weight of the logistic regression")
     p.add_argument("--device", default="auto")
+    p.add_argument("--img_size", type=int, help="input size of the classification images (default: the checkpoint's)")
     return p.parse_args(argv)
 
 
@@ -65,7 +66,8 @@ def main(argv=None):
         device = pick_device(args.device)
         model, ckpt = load_model(args.weights, device)
         # train=False: no augmentation, so the probe is deterministic
-        splits = {split: build_dataset("cls", args.data_root, split, ckpt["img_size"], train=False, cache=False)
+        img_size = args.img_size or ckpt["img_size"]
+        splits = {split: build_dataset("cls", args.data_root, split, img_size, train=False, cache=False)
                   for split in ("train", "val")}
     except (DataError, ValueError) as err:
         sys.exit(f"error: {err}")
@@ -73,7 +75,7 @@ def main(argv=None):
     val_x, val_y = pooled_features(model, splits["val"])
     num_classes = len(splits["val"].class_names)
     print(f"linear probe of {args.weights} (stage {ckpt.get('stage')}) on cls: "
-          f"{len(train_y)} train / {len(val_y)} val images")
+          f"{len(train_y)} train / {len(val_y)} val images at {img_size} px")
     print(f"{'layer':<14} {'channels':>8} {'train top1':>10} {'val top1':>9}")
     results = {}
     for name in train_x:

@@ -36,3 +36,5 @@ def test_probe_script_on_a_checkpoint(demo_root, tmp_path, capsys):
     assert set(results) == {"backbone_s32", "neck", "shared_conv1", "shared_conv2", "shared_conv3"}
     assert all(0.0 <= v <= 1.0 for v in results.values())
     assert "shared_conv3" in capsys.readouterr().out
+    probe.main(["--weights", str(weights), "--data_root", str(demo_root), "--device", "cpu", "--img_size", "96"])
+    assert "at 96 px" in capsys.readouterr().out
