@@ -122,11 +122,12 @@ class DetectionMetric:
         # differs from COCO's float64 np.linspace at 96 of the 101 points (0.6 becomes
         # 0.6000000238...). A recall of exactly 3/5 then misses the 0.6 point and AP
         # comes out lower than COCOeval's, so pass COCO's own thresholds.
-        self._map = MeanAveragePrecision(
-            box_format="xyxy", iou_type="bbox", iou_thresholds=[0.5],
-            rec_thresholds=np.linspace(0.0, 1.0, 101).tolist(),
-            class_metrics=True, backend="pycocotools",
-        )
+        options = dict(box_format="xyxy", iou_type="bbox", iou_thresholds=[0.5],
+                       rec_thresholds=np.linspace(0.0, 1.0, 101).tolist(), backend="pycocotools")
+        self._map = MeanAveragePrecision(class_metrics=True, **options)
+        # The same with every label set to 0: does the detector find the objects at all,
+        # whatever their class? (Separates localisation from classification errors.)
+        self._boxes_only = MeanAveragePrecision(**options)
         self._num_images = 0
 
     def update(self, preds, targets):
@@ -158,6 +159,8 @@ class DetectionMetric:
                     raise ValueError(f"{name} labels must be in [0, {self.num_classes - 1}], "
                                      f"got [{int(lab.min())}, {int(lab.max())}]")
         self._map.update(cpu_preds, cpu_targets)
+        self._boxes_only.update([{**p, "labels": torch.zeros_like(p["labels"])} for p in cpu_preds],
+                                [{**t, "labels": torch.zeros_like(t["labels"])} for t in cpu_targets])
         self._num_images += len(preds)
 
     def compute(self):
@@ -176,9 +179,15 @@ class DetectionMetric:
         for c, ap in zip(out["classes"].flatten().tolist(), out["map_per_class"].flatten().tolist()):
             # -1 marks a class with predictions but no (non-crowd) ground truth.
             per_class[c] = ap if ap >= 0 else None
-        return {"mAP_50": map50, "AP50_per_class": per_class}
+        boxes_only = self._boxes_only.compute()
+        # Class-agnostic: AP@0.5 and recall@0.5 (up to 100 detections per image) of all boxes
+        # pooled; a box predicted twice with two classes counts once as a false positive.
+        return {"mAP_50": map50, "AP50_per_class": per_class,
+                "AP50_class_agnostic": float(boxes_only["map_50"]),
+                "recall50_class_agnostic": float(boxes_only["mar_100"])}
 
     def reset(self):
+        self._boxes_only.reset()
         self._map.reset()
         self._num_images = 0
 

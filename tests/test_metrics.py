@@ -188,6 +188,15 @@ def test_det_wrong_class():
     # With a second, correctly detected class the mean is over the 2 GT classes.
     r = det([P([A, B], [0.9, 0.9], [2, 4])], [T([A, B], [1, 4])])
     assert r["mAP_50"] == pytest.approx(0.5)
+    # Class-agnostic, both boxes were found: a classification error, not a localisation one.
+    assert r["AP50_class_agnostic"] == pytest.approx(1.0) and r["recall50_class_agnostic"] == pytest.approx(1.0)
+
+
+def test_det_class_agnostic_scores_count_missed_boxes():
+    far = [200.0, 200.0, 240.0, 240.0]
+    r = det([P([A, far], [0.9, 0.8], [1, 1])], [T([A, B], [1, 4])])
+    assert r["recall50_class_agnostic"] == pytest.approx(0.5)
+    assert r["AP50_class_agnostic"] == pytest.approx(51 / 101)  # COCO: precision 1 at 51 of 101 recall points
 
 
 def test_det_hand_computed_ap():
