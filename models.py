@@ -26,7 +26,6 @@ import torch.nn.functional as F
 BACKBONES = ("efficientnet_b0", "efficientnet_lite0")
 NUM_SEG_CLASSES, NUM_DET_CLASSES, NUM_CLS_CLASSES = 21, 10, 10
 DET_STRIDE = 16  # one detection cell per stride-16 feature
-S16_CHANNELS, S32_CHANNELS = 112, 1280  # the two taps, the same for both backbones
 
 # ImageNet statistics for torchvision's B0; the Lite0 weights were trained on [-1, 1] inputs.
 NORMALIZATION = {
@@ -154,7 +153,7 @@ class UnifiedMultiTaskModel(nn.Module):
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
-        self.neck = nn.Sequential(conv_bn_relu(S16_CHANNELS + S32_CHANNELS, 512, 1), conv_bn_relu(512, 256, 3))
+        self.neck = nn.Sequential(conv_bn_relu(112 + 1280, 512, 1), conv_bn_relu(512, 256, 3))
         self.shared_conv1 = conv_bn_relu(256, 256, 3)
         self.shared_conv2 = conv_bn_relu(256, 256, 3)
         self.shared_conv3 = conv_bn_relu(256, 256, 3)  # distilled: its output is `feat`
@@ -179,15 +178,11 @@ class UnifiedMultiTaskModel(nn.Module):
         x = images.to(self.mean.device, non_blocking=True).float().div_(255)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
-    def forward(self, images, backbone_features=None):
+    def forward(self, images):
         """images: (N, 3, H, W) in [0, 1]. Returns a dict of
         seg (N, 21, H, W), seg_coarse (N, 21, H/16, W/16), det (N, 5+C, H/16, W/16),
-        cls (N, C) and feat (N, 256, H/16, W/16), the last shared feature map.
-        `backbone_features`: backbone_features(images), when the caller already has them (a
-        teacher and a student that share a frozen backbone compute it once)."""
-        if backbone_features is None:
-            backbone_features = self.backbone_features(images)
-        feat = self.shared_maps(backbone_features)["shared_conv3"]
+        cls (N, C) and feat (N, 256, H/16, W/16), the last shared feature map."""
+        feat = self.feature_maps(images)["shared_conv3"]
         seg_coarse = self.seg_head(feat)
         return {
             "seg": F.interpolate(seg_coarse, size=images.shape[-2:], mode="bilinear", align_corners=False),
@@ -197,25 +192,17 @@ class UnifiedMultiTaskModel(nn.Module):
             "feat": feat,
         }
 
-    def backbone_features(self, images):
-        """The neck's input: the backbone's s16 map and its s32 map upsampled to s16, concatenated."""
-        s16, s32 = self.backbone((images - self.mean) / self.std)
-        s32 = F.interpolate(s32, size=s16.shape[-2:], mode="bilinear", align_corners=False)
-        return torch.cat([s16, s32], 1)
-
-    def shared_maps(self, backbone_features):
-        """The neck's map and each shared conv's, in order (the last one is `feat`)."""
-        x = self.neck(backbone_features)
-        maps = {"neck": x}
-        for name in ("shared_conv1", "shared_conv2", "shared_conv3"):
-            x = maps[name] = getattr(self, name)(x)
-        return maps
-
     def feature_maps(self, images):
         """The stride-16 maps on the way to the heads, in order: the backbone's s32 output
         (upsampled), the neck's, and each shared conv's (probe.py looks inside with this)."""
-        features = self.backbone_features(images)
-        return {"backbone_s32": features[:, S16_CHANNELS:], **self.shared_maps(features)}
+        x = (images - self.mean) / self.std
+        s16, s32 = self.backbone(x)
+        s32 = F.interpolate(s32, size=s16.shape[-2:], mode="bilinear", align_corners=False)
+        maps = {"backbone_s32": s32, "neck": self.neck(torch.cat([s16, s32], 1))}
+        x = maps["neck"]
+        for name in ("shared_conv1", "shared_conv2", "shared_conv3"):
+            x = maps[name] = getattr(self, name)(x)
+        return maps
 
 
 def pick_device(name: str) -> torch.device:

@@ -54,17 +54,6 @@ def test_forward_train_mode_and_backward(random_model):
     random_model.zero_grad(set_to_none=True)
 
 
-def test_precomputed_backbone_features_give_the_same_outputs(random_model):
-    random_model.eval()
-    images = torch.rand(2, 3, 64, 64)
-    with torch.inference_mode():
-        plain = random_model(images)
-        shared = random_model(images, random_model.backbone_features(images))
-    assert random_model.backbone_features(images).shape == (2, 112 + 1280, 4, 4)
-    for name in plain:
-        assert torch.equal(plain[name], shared[name]), name
-
-
 def test_non_square_input(random_model):
     random_model.eval()
     with torch.inference_mode():
