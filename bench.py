@@ -148,7 +148,7 @@ def main(argv=None):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"device {name}, backbone {args.backbone}, img_size {args.img_size}, batch {args.batch_size} "
           f"+ replay {args.replay_batch_size} per earlier task, torch {torch.__version__}")
-    print(f"{'stage':<6} {'mode':<16} {'img/s':>8} {'setup s':>8} {'epoch s (+setup/epochs)':>24}")
+    print(f"{'stage':<6} {'mode':<18} {'img/s':>8} {'setup s':>8} {'epoch s (+setup/epochs)':>24}")
     epoch_seconds = {}
     data_cache = {}
     for stage in stages:
@@ -158,7 +158,7 @@ def main(argv=None):
             # One-time costs are paid once per stage: spread them over the stage's default epochs.
             seconds = 240 / rate + setup / default_epochs
             epoch_seconds[(stage, mode)] = seconds
-            print(f"{stage:<6} {mode:<16} {rate:>8.1f} {setup:>8.1f} {seconds:>24.1f}", flush=True)
+            print(f"{stage:<6} {mode:<18} {rate:>8.1f} {setup:>8.1f} {seconds:>24.1f}", flush=True)
     rates = eval_throughput(args, device)
     print("eval img/s (float32): " + ", ".join(f"{t} {r:.1f}" for t, r in rates.items()))
     if args.pipeline:
