@@ -191,17 +191,18 @@ def keep_freed_memory(enabled=True):
     """Linux/glibc: keep freed memory in the process instead of handing every block over 32 MiB
     back to the OS, which made each CPU step page-fault its activations in again (a training
     step at 320 px ran 1.2x faster with this on the 2-core CPU; bench.py, RESULTS.md). Speed
-    only, results are unchanged. `enabled=False` restores glibc's own limits (for bench.py);
-    a no-op where the C library is not glibc."""
+    only, results are unchanged. `enabled=False` restores glibc's own limits (for bench.py).
+    Returns whether glibc took all three settings; False (nothing changed) where the C library
+    is not glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # macOS, Windows, musl: nothing to tune
-        return
+        return False
     m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # mallopt parameters from <malloc.h>
     mmap_threshold, trim_threshold, top_pad = (1 << 30, 1 << 30, 256 << 20) if enabled else (32 << 20, 64 << 20, 0)
-    libc.mallopt(m_mmap_threshold, mmap_threshold)
-    libc.mallopt(m_trim_threshold, trim_threshold)
-    libc.mallopt(m_top_pad, top_pad)
+    taken = [libc.mallopt(m_mmap_threshold, mmap_threshold), libc.mallopt(m_trim_threshold, trim_threshold),
+             libc.mallopt(m_top_pad, top_pad)]
+    return all(taken)  # mallopt returns 1 on success, 0 for a value it refuses
 
 
 def parameter_groups(model, primaries, learned, factors, base_lr):

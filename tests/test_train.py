@@ -1,5 +1,6 @@
 """train.py: end to end on demo data, parameter groups, distillation, resume, NaN handling."""
 import json
+import platform
 
 import pytest
 import torch
@@ -196,3 +197,11 @@ def test_detection_train_set_gets_the_scale_jitter_flag(demo_root):
     assert has_zoom([]) and not has_zoom(["--det_scale_jitter", "off"])
     args = train.parse_args(["--data_root", str(demo_root), "--img_size", "64"])
     assert not any(isinstance(op, v2.RandomAffine) for op in train.build_train_set("seg", args).augment.transforms)
+
+
+@pytest.mark.skipif(not platform.libc_ver()[0] == "glibc", reason="keep_freed_memory tunes glibc only")
+def test_keep_freed_memory_settings_are_taken_by_glibc():
+    try:
+        assert train.keep_freed_memory(True)
+    finally:
+        assert train.keep_freed_memory(False)
