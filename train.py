@@ -189,8 +189,8 @@ def autocast_dtype(amp, device):
 
 def keep_freed_memory(enabled=True):
     """Linux/glibc: keep freed memory in the process instead of handing every block over 32 MiB
-    back to the OS, which made each CPU step page-fault its activations in again (a training
-    step at 320 px ran 1.2x faster with this on the 2-core CPU; bench.py, RESULTS.md). Speed
+    back to the OS, which made each CPU step page-fault its activations in again (a 320-px
+    training epoch ran 1.13-1.18x faster with this on a 2-core CPU; bench.py, RESULTS.md). Speed
     only, results are unchanged. `enabled=False` restores glibc's own limits (for bench.py).
     Returns whether glibc took all three settings; False (nothing changed) where the C library
     is not glibc."""
