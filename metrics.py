@@ -111,7 +111,7 @@ class SegmentationMetric:
 class DetectionMetric:
     """COCO-style AP at IoU 0.5, macro-averaged over classes, crowd boxes ignored."""
 
-    def __init__(self, num_classes=10):
+    def __init__(self, num_classes=10, class_agnostic=True):
         self.num_classes = num_classes
         # torchmetrics hands the data to pycocotools' COCOeval, so the value is
         # COCO's own AP50 (101-point interpolated precision, crowd handling, at
@@ -127,7 +127,7 @@ class DetectionMetric:
         self._map = MeanAveragePrecision(class_metrics=True, **options)
         # The same with every label set to 0: does the detector find the objects at all,
         # whatever their class? (Separates localisation from classification errors.)
-        self._boxes_only = MeanAveragePrecision(**options)
+        self._boxes_only = MeanAveragePrecision(**options) if class_agnostic else None
         self._num_images = 0
 
     def update(self, preds, targets):
@@ -159,8 +159,9 @@ class DetectionMetric:
                     raise ValueError(f"{name} labels must be in [0, {self.num_classes - 1}], "
                                      f"got [{int(lab.min())}, {int(lab.max())}]")
         self._map.update(cpu_preds, cpu_targets)
-        self._boxes_only.update([{**p, "labels": torch.zeros_like(p["labels"])} for p in cpu_preds],
-                                [{**t, "labels": torch.zeros_like(t["labels"])} for t in cpu_targets])
+        if self._boxes_only is not None:
+            self._boxes_only.update([{**p, "labels": torch.zeros_like(p["labels"])} for p in cpu_preds],
+                                    [{**t, "labels": torch.zeros_like(t["labels"])} for t in cpu_targets])
         self._num_images += len(preds)
 
     def compute(self):
@@ -179,15 +180,18 @@ class DetectionMetric:
         for c, ap in zip(out["classes"].flatten().tolist(), out["map_per_class"].flatten().tolist()):
             # -1 marks a class with predictions but no (non-crowd) ground truth.
             per_class[c] = ap if ap >= 0 else None
-        boxes_only = self._boxes_only.compute()
-        # Class-agnostic: AP@0.5 and recall@0.5 (up to 100 detections per image) of all boxes
-        # pooled; a box predicted twice with two classes counts once as a false positive.
-        return {"mAP_50": map50, "AP50_per_class": per_class,
-                "AP50_class_agnostic": float(boxes_only["map_50"]),
-                "recall50_class_agnostic": float(boxes_only["mar_100"])}
+        scores = {"mAP_50": map50, "AP50_per_class": per_class}
+        if self._boxes_only is not None:
+            # Class-agnostic: AP@0.5 and recall@0.5 (up to 100 detections per image) of all boxes
+            # pooled; a box predicted twice with two classes counts once as a false positive.
+            boxes_only = self._boxes_only.compute()
+            scores.update(AP50_class_agnostic=float(boxes_only["map_50"]),
+                          recall50_class_agnostic=float(boxes_only["mar_100"]))
+        return scores
 
     def reset(self):
-        self._boxes_only.reset()
+        if self._boxes_only is not None:
+            self._boxes_only.reset()
         self._map.reset()
         self._num_images = 0
 
@@ -269,9 +273,9 @@ def evaluate(model, dataset, task, batch_size=32, bootstrap=0, seed=0):
     return scores
 
 
-def filled_metric(task, per_image):
-    """The task's metric after update() with every (prediction, target) pair."""
-    metric = METRICS[task]()
+def filled_metric(task, per_image, **options):
+    """The task's metric (built with `options`) after update() with every (prediction, target) pair."""
+    metric = METRICS[task](**options)
     for prediction, target in per_image:
         metric.update(prediction, target)
     return metric
@@ -289,8 +293,11 @@ def bootstrap_interval(task, per_image, resamples, seed=0):
         def score(picks):
             return SegmentationMetric.scores_from_confusion(matrices[picks].sum(0))["mIoU"]
     else:
+        # Only the primary metric is resampled: skip detection's class-agnostic second COCOeval.
+        options = {"class_agnostic": False} if task == "det" else {}
+
         def score(picks):
-            return score_images(task, [per_image[i] for i in picks])[PRIMARY_METRIC[task]]
+            return filled_metric(task, [per_image[i] for i in picks], **options).compute()[PRIMARY_METRIC[task]]
     generator = torch.Generator().manual_seed(seed)
     values = []
     for _ in range(resamples):

@@ -192,6 +192,12 @@ def test_det_wrong_class():
     assert r["AP50_class_agnostic"] == pytest.approx(1.0) and r["recall50_class_agnostic"] == pytest.approx(1.0)
 
 
+def test_det_class_agnostic_scores_can_be_left_out():
+    m = DetectionMetric(class_agnostic=False)  # what the bootstrap resamples use
+    m.update([P([A], [0.9], [2])], [T([A], [1])])
+    assert m.compute().keys() == {"mAP_50", "AP50_per_class"}
+
+
 def test_det_class_agnostic_scores_count_missed_boxes():
     far = [200.0, 200.0, 240.0, 240.0]
     r = det([P([A, far], [0.9, 0.8], [1, 1])], [T([A, B], [1, 4])])
