@@ -9,6 +9,8 @@
     drop %   (baseline - final) / baseline * 100; MET when drop <= 5
 
 Baselines default to the ones training wrote into the checkpoint; flags override them.
+`--split train` scores the training images instead (no augmentation), to tell a model that
+underfits from one that overfits; it shows no drops, as the baselines are val scores.
 """
 import argparse
 import json
@@ -32,6 +34,8 @@ def parse_args(argv=None):
     p.add_argument("--base_miou", type=float, help="segmentation baseline (default: from the checkpoint)")
     p.add_argument("--base_map", type=float, help="detection baseline (default: from the checkpoint)")
     p.add_argument("--base_top1", type=float, help="classification baseline (default: from the checkpoint)")
+    p.add_argument("--split", default="val", choices=("val", "train"),
+                   help="the images scored; train shows no baselines or drops (those are val scores)")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--device", default="auto")
     p.add_argument("--img_size", type=int, help="input size (default: the checkpoint's)")
@@ -46,6 +50,8 @@ def parse_args(argv=None):
     if unknown or not tasks:
         p.error(f"--tasks: unknown task(s) {unknown}; expected 'all' or a comma list of seg, det, cls")
     args.tasks = tasks
+    if args.split == "train" and any(getattr(args, flag) is not None for flag in BASELINE_FLAGS.values()):
+        p.error("--base_miou/--base_map/--base_top1 are val scores; they do not apply with --split train")
     if args.bootstrap < 0:
         p.error(f"--bootstrap must be 0 (off) or a number of resamples, got {args.bootstrap}")
     return args
@@ -78,17 +84,17 @@ def main(argv=None):
         device = pick_device(args.device)
         model, ckpt = load_model(args.weights, device)
         img_size = args.img_size or ckpt["img_size"]
-        datasets = {t: build_dataset(t, args.data_root, "val", img_size, train=False) for t in args.tasks}
+        datasets = {t: build_dataset(t, args.data_root, args.split, img_size, train=False) for t in args.tasks}
     except (ValueError, DataError) as err:
         sys.exit(f"error: {err}")
 
-    baselines = dict(ckpt.get("baselines", {}))
+    baselines = dict(ckpt.get("baselines", {})) if args.split == "val" else {}
     for task, flag in BASELINE_FLAGS.items():
         if getattr(args, flag) is not None:
             baselines[PRIMARY_METRIC[task]] = getattr(args, flag)
 
     report = {"metrics": {}, "baselines": {}, "drops": {}, "met": {}, "backbone": ckpt["backbone"],
-              "img_size": img_size, "weights": str(args.weights), "details": {},
+              "img_size": img_size, "weights": str(args.weights), "split": args.split, "details": {},
               "class_names": ckpt.get("class_names", {})}
     for task in args.tasks:
         scores = evaluate(model, datasets[task], task, batch_size=args.batch_size, bootstrap=args.bootstrap)
@@ -115,7 +121,8 @@ def main(argv=None):
 
 
 def print_table(report, tasks):
-    print(f"backbone {report['backbone']}, img_size {report['img_size']}, weights {report['weights']}")
+    print(f"backbone {report['backbone']}, img_size {report['img_size']}, weights {report['weights']}, "
+          f"{report['split']} images")
     details = report["details"]
     print(f"{'task':<5} {'metric':<7} {'baseline':>9} {'final':>8} {'drop %':>8}  result")
     for task in tasks:

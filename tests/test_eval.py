@@ -1,5 +1,6 @@
 """eval.py and plot_log.py end to end on the outputs of a tiny train.py run, and their error cases."""
 import json
+import shutil
 import subprocess
 import sys
 
@@ -9,6 +10,8 @@ import torch
 import eval as eval_script
 import plot_log
 import train
+from datasets import build_dataset
+from metrics import evaluate
 
 REPO_ARGS = ["--backbone", "efficientnet_lite0", "--no-pretrained", "--img_size", "64", "--batch_size", "4",
              "--replay_batch_size", "2", "--epochs_seg", "1", "--epochs_det", "1", "--epochs_cls", "1"]
@@ -65,6 +68,24 @@ def test_stage1_checkpoint_evaluates_seg_and_det_without_a_det_baseline(trained,
                                "--tasks", "seg,det"])
     assert set(report["metrics"]) == {"mIoU", "mAP_50"} and set(report["baselines"]) == {"mIoU"}
     assert report["drops"]["mIoU"] == pytest.approx(0.0, abs=1e-6), "the stage-1 checkpoint is its own baseline"
+
+
+def test_split_train_scores_the_training_images_without_drops(trained, demo_root, tmp_path, capsys):
+    # Without its val images the data root can only be scored on its train split.
+    root = tmp_path / "data"
+    shutil.copytree(demo_root, root)
+    shutil.rmtree(root / "imagenette-160" / "val")
+    weights = str(trained / "model_final_best_1pass.pt")
+    report = eval_script.main(["--weights", weights, "--data_root", str(root), "--tasks", "cls", "--split", "train"])
+    model, _ = eval_script.load_model(weights, torch.device("cpu"))
+    expected = evaluate(model, build_dataset("cls", root, "train", 64, train=False), "cls")["top1"]
+    assert report["metrics"]["top1"] == pytest.approx(expected)
+    assert report["split"] == "train" and report["baselines"] == {} and report["drops"] == {}
+    assert "train images" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        eval_script.main(["--weights", weights, "--data_root", str(root), "--tasks", "cls"])  # val is gone
+    with pytest.raises(SystemExit):
+        eval_script.parse_args(["--weights", weights, "--split", "train", "--base_top1", "0.9"])
 
 
 def test_save_vis_writes_pictures(trained, demo_root, tmp_path):
