@@ -13,6 +13,10 @@ centre), kept for the ablation with everything else equal.
 
 Loss: GIoU on decoded boxes of positives, BCE on objectness over every non-ignored cell,
 BCE on one-hot class targets of positives, each normalised by the number of positives.
+Objectness target of a positive ("iou", the default, as in YOLOv5): the IoU of the box it
+predicts with its ground truth, so the score ranks cells by how well they localise and the
+poor boxes of off-centre cells lose to the good one in NMS; "binary" (1 for every positive)
+is kept for the ablation.
 Decoding: score = sigmoid(obj) * sigmoid(class), threshold, top-k, batched NMS, then
 boxes scaled back to the original image size. Training-time validation and eval.py both
 call `decode`.
@@ -76,9 +80,21 @@ def assign_targets(boxes, labels, iscrowd, centers, stride=DET_STRIDE, center_ra
     return box_index
 
 
-def detection_loss(det_map, targets, center_radius=2.5, mode="region", box_weight=5.0):
+def paired_iou(boxes1, boxes2):
+    """IoU of boxes1[i] with boxes2[i] (both (P, 4) xyxy), not the P x P matrix of box_iou."""
+    top_left = torch.max(boxes1[:, :2], boxes2[:, :2])
+    bottom_right = torch.min(boxes1[:, 2:], boxes2[:, 2:])
+    inter = (bottom_right - top_left).clamp(min=0).prod(1)
+    area1 = (boxes1[:, 2:] - boxes1[:, :2]).clamp(min=0).prod(1)
+    area2 = (boxes2[:, 2:] - boxes2[:, :2]).clamp(min=0).prod(1)
+    return inter / (area1 + area2 - inter).clamp(min=1e-6)
+
+
+def detection_loss(det_map, targets, center_radius=2.5, mode="region", objectness="iou", box_weight=5.0):
     """det_map (N, 5+C, H, W) raw outputs; targets: list of dicts with boxes (xyxy at input size),
     labels (contiguous), iscrowd. Returns (total, parts dict of detached tensors)."""
+    if objectness not in ("iou", "binary"):
+        raise ValueError(f"unknown objectness target {objectness!r}; expected 'iou' or 'binary'")
     n, channels, height, width = det_map.shape
     num_classes = channels - 5
     preds = det_map.float().permute(0, 2, 3, 1).reshape(n, height * width, channels)
@@ -102,15 +118,17 @@ def detection_loss(det_map, targets, center_radius=2.5, mode="region", box_weigh
     pos_pred, pos_box = torch.cat(pos_preds), torch.cat(pos_boxes)
     num_pos = max(pos_pred.shape[0], 1)
 
-    obj_loss = F.binary_cross_entropy_with_logits(preds[..., 4], obj_target, reduction="none")
-    obj_loss = (obj_loss * obj_mask).sum() / num_pos
     if pos_pred.shape[0]:
         decoded = decode_boxes(pos_pred[:, :4], torch.cat(pos_centers))
+        if objectness == "iou":  # positives in the same order as obj_target's True cells
+            obj_target = obj_target.masked_scatter(obj_target.bool(), paired_iou(decoded.detach(), pos_box))
         box_loss = generalized_box_iou_loss(decoded, pos_box, reduction="sum") / num_pos
         class_target = F.one_hot(torch.cat(pos_labels), num_classes).float()
         cls_loss = F.binary_cross_entropy_with_logits(pos_pred[:, 5:], class_target, reduction="sum") / num_pos
     else:  # no objects in the batch: only objectness learns (zeros keep the graph intact)
         box_loss = cls_loss = preds[..., :4].sum() * 0.0
+    obj_loss = F.binary_cross_entropy_with_logits(preds[..., 4], obj_target, reduction="none")
+    obj_loss = (obj_loss * obj_mask).sum() / num_pos
     total = box_weight * box_loss + obj_loss + cls_loss
     parts = {"det_box": box_loss.detach(), "det_obj": obj_loss.detach(), "det_cls": cls_loss.detach()}
     return total, parts

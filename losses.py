@@ -11,13 +11,14 @@ from datasets import VOID
 from detection import detection_loss
 
 
-def task_loss(task, outputs, targets, det_assign="region"):
-    """Returns (loss, parts): parts maps names to detached scalars for the log."""
+def task_loss(task, outputs, targets, det_options=None):
+    """Returns (loss, parts): parts maps names to detached scalars for the log.
+    det_options: keyword arguments of detection_loss (assignment mode, objectness target)."""
     if task == "seg":
         loss = F.cross_entropy(outputs["seg"].float(), targets.long(), ignore_index=VOID)
         return loss, {"seg": loss.detach()}
     if task == "det":
-        loss, parts = detection_loss(outputs["det"], targets, mode=det_assign)
+        loss, parts = detection_loss(outputs["det"], targets, **(det_options or {}))
         return loss, {"det": loss.detach(), **parts}
     if task == "cls":
         loss = F.cross_entropy(outputs["cls"].float(), targets)

@@ -110,6 +110,8 @@ def build_parser(description=__doc__.split("\n\n")[0]):
     p.add_argument("--distill_temp", type=float, default=2.0)
     p.add_argument("--det_assign", default="region", choices=("region", "center"),
                    help="detection target assignment: region (FCOS-style) or center (reference-style ablation)")
+    p.add_argument("--det_objectness", default="iou", choices=("iou", "binary"),
+                   help="objectness target of a positive cell: the IoU of its box (YOLOv5-style) or 1 (ablation)")
     p.add_argument("--det_scale_jitter", type=scale_range, default="0.5,1.5", metavar="MIN,MAX",
                    help="detection training: random zoom between MIN and MAX with a small shift; 'off' disables it")
     # 3: one lucky epoch on 60 images must not become a baseline later stages cannot get back to
@@ -324,7 +326,7 @@ def train_one_epoch(model, batches, replay_banks, optimizer, scaler, args, devic
             for task, (images, targets, _) in step_batches.items():
                 outputs = model(model.prepare_input(images))
                 primary_loss, primary_parts = task_loss(task, outputs, move_targets(targets, device),
-                                                        args.det_assign)
+                                                        {"mode": args.det_assign, "objectness": args.det_objectness})
                 loss = loss + primary_loss
                 parts.update(primary_parts)
             for task, bank in replay_banks.items():

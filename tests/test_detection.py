@@ -4,7 +4,7 @@ import math
 import torch
 from torchvision.ops import box_iou
 
-from detection import assign_targets, cell_centers, decode, decode_boxes, detection_loss
+from detection import assign_targets, cell_centers, decode, decode_boxes, detection_loss, paired_iou
 
 S = 128          # input size -> an 8 x 8 grid of stride-16 cells
 GRID = S // 16
@@ -128,3 +128,31 @@ def test_loss_falls_steadily_when_fitting_one_image():
     assert all(b < a for a, b in zip(windows, windows[1:])), f"loss did not fall steadily: {windows}"
     result = decode(head(features))[0]
     assert box_iou(result["boxes"][:2], target[0]["boxes"]).max(0).values.min() > 0.5
+
+
+def test_paired_iou_is_the_diagonal_of_box_iou():
+    torch.manual_seed(0)
+    points = torch.rand(2, 6, 2, 2) * 100                      # two random corners per box
+    boxes1, boxes2 = torch.cat([points.min(2).values, points.max(2).values], 2)
+    disjoint = torch.tensor([[0.0, 0.0, 10.0, 10.0]]), torch.tensor([[20.0, 20.0, 30.0, 30.0]])
+    for a, b in ((boxes1, boxes2), disjoint):
+        assert torch.allclose(paired_iou(a, b), box_iou(a, b).diag(), atol=1e-6)
+
+
+def test_iou_objectness_targets_each_positive_with_the_iou_of_its_box():
+    boxes = torch.tensor([[8.0, 8.0, 56.0, 72.0]])
+    target = [{"boxes": boxes, "labels": torch.tensor([5]), "iscrowd": torch.tensor([0])}]
+    det, index = perfect_map(boxes, torch.tensor([5]))
+    positive = (index >= 0).nonzero().squeeze(1)
+    det = det.reshape(5 + C, -1)
+    det[2:4, positive] += math.log(1.5)     # every positive's box 1.5x too far right and down
+    iou = paired_iou(decode_boxes(det[:4, positive].T, cell_centers(GRID, GRID)[positive]), boxes.expand(len(positive), 4))
+    assert (iou > 0.2).all() and (iou < 0.9).all()
+    det[4, positive] = torch.logit(iou)     # objectness already equal to each box's IoU
+    det = det.reshape(1, 5 + C, GRID, GRID).requires_grad_(True)
+    for objectness, at_minimum in (("iou", True), ("binary", False)):
+        det.grad = None
+        loss, _ = detection_loss(det, target, objectness=objectness)
+        loss.backward()
+        obj_grad = det.grad.reshape(5 + C, -1)[4, positive]
+        assert torch.allclose(obj_grad, torch.zeros_like(obj_grad), atol=1e-6) == at_minimum, objectness

@@ -131,8 +131,8 @@ def test_resume_without_a_previous_run_is_a_clear_error(demo_root, tmp_path, cap
 def test_a_nan_loss_stops_cleanly_and_keeps_earlier_checkpoints(demo_root, tmp_path, monkeypatch):
     real_task_loss = train.task_loss
 
-    def nan_in_detection(task, outputs, targets, det_assign="region"):
-        loss, parts = real_task_loss(task, outputs, targets, det_assign)
+    def nan_in_detection(task, outputs, targets, det_options=None):
+        loss, parts = real_task_loss(task, outputs, targets, det_options)
         return (loss * float("nan"), parts) if task == "det" else (loss, parts)
 
     monkeypatch.setattr(train, "task_loss", nan_in_detection)
