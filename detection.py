@@ -13,10 +13,9 @@ centre), kept for the ablation with everything else equal.
 
 Loss: GIoU on decoded boxes of positives, BCE on objectness over every non-ignored cell,
 BCE on one-hot class targets of positives, each normalised by the number of positives.
-Objectness target of a positive ("iou", the default, as in YOLOv5): the IoU of the box it
-predicts with its ground truth, so the score ranks cells by how well they localise and the
-poor boxes of off-centre cells lose to the good one in NMS; "binary" (1 for every positive)
-is kept for the ablation.
+Objectness target of a positive: 1 ("binary", the default), or ("iou", as in YOLOv5) the IoU
+of the box it predicts with its ground truth, so that the score ranks cells by how well they
+localise and the poor boxes of off-centre cells lose to the good one in NMS.
 Decoding: score = sigmoid(obj) * sigmoid(class), threshold, top-k, batched NMS, then
 boxes scaled back to the original image size. Training-time validation and eval.py both
 call `decode`.
@@ -90,7 +89,7 @@ def paired_iou(boxes1, boxes2):
     return inter / (area1 + area2 - inter).clamp(min=1e-6)
 
 
-def detection_loss(det_map, targets, center_radius=2.5, mode="region", objectness="iou", box_weight=5.0):
+def detection_loss(det_map, targets, center_radius=2.5, mode="region", objectness="binary", box_weight=5.0):
     """det_map (N, 5+C, H, W) raw outputs; targets: list of dicts with boxes (xyxy at input size),
     labels (contiguous), iscrowd. Returns (total, parts dict of detached tensors)."""
     if objectness not in ("iou", "binary"):
