@@ -146,8 +146,10 @@ def print_table(report, tasks):
         shown = ", ".join(f"{name} {'-' if ap is None else f'{ap:.3f}'}"
                           for name, ap in zip(names, details["AP50_per_class"]))
         print(f"det   AP50 per class (- = no ground truth): {shown}")
+        by_size = ", ".join(f"{size} {'-' if value is None else f'{value:.3f}'}"
+                            for size, value in details["recall50_class_agnostic_by_size"].items())
         print(f"det   class-agnostic (every box counted as one class): AP50 {details['AP50_class_agnostic']:.4f}, "
-              f"recall@0.5 {details['recall50_class_agnostic']:.4f}")
+              f"recall@0.5 {details['recall50_class_agnostic']:.4f} (by COCO box size: {by_size})")
 
 
 if __name__ == "__main__":

@@ -187,6 +187,11 @@ class DetectionMetric:
             boxes_only = self._boxes_only.compute()
             scores.update(AP50_class_agnostic=float(boxes_only["map_50"]),
                           recall50_class_agnostic=float(boxes_only["mar_100"]))
+            # The same recall per COCO size range (box area in original pixels: small < 32^2,
+            # medium < 96^2, large beyond); None where the range has no ground truth.
+            scores["recall50_class_agnostic_by_size"] = {
+                size: (float(boxes_only[f"mar_{size}"]) if boxes_only[f"mar_{size}"] >= 0 else None)
+                for size in ("small", "medium", "large")}
         return scores
 
     def reset(self):

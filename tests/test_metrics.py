@@ -205,6 +205,14 @@ def test_det_class_agnostic_scores_count_missed_boxes():
     assert r["AP50_class_agnostic"] == pytest.approx(51 / 101)  # COCO: precision 1 at 51 of 101 recall points
 
 
+def test_det_class_agnostic_recall_by_coco_size_range():
+    small, medium, large = [0.0, 0.0, 20.0, 20.0], [100.0, 100.0, 160.0, 160.0], [200.0, 0.0, 400.0, 200.0]
+    r = det([P([large, medium], [0.9, 0.8], [0, 0])], [T([small, medium, large], [0, 0, 0])])
+    assert r["recall50_class_agnostic_by_size"] == {"small": 0.0, "medium": 1.0, "large": 1.0}
+    r = det([P([small], [0.9], [0])], [T([small], [0])])   # no medium or large ground truth
+    assert r["recall50_class_agnostic_by_size"] == {"small": 1.0, "medium": None, "large": None}
+
+
 def test_det_hand_computed_ap():
     # Two GT boxes of class 0; detections by score: TP (0.9), FP (0.8), TP (0.7).
     # (precision, recall) = (1, 1/2), (1/2, 1/2), (2/3, 1). Interpolated precision is
