@@ -286,8 +286,8 @@ def filled_metric(task, per_image, **options):
     return metric
 
 
-def score_images(task, per_image):
-    return filled_metric(task, per_image).compute()
+def score_images(task, per_image, **options):
+    return filled_metric(task, per_image, **options).compute()
 
 
 def bootstrap_interval(task, per_image, resamples, seed=0):
@@ -302,7 +302,7 @@ def bootstrap_interval(task, per_image, resamples, seed=0):
         options = {"class_agnostic": False} if task == "det" else {}
 
         def score(picks):
-            return filled_metric(task, [per_image[i] for i in picks], **options).compute()[PRIMARY_METRIC[task]]
+            return score_images(task, [per_image[i] for i in picks], **options)[PRIMARY_METRIC[task]]
     generator = torch.Generator().manual_seed(seed)
     values = []
     for _ in range(resamples):

@@ -319,14 +319,14 @@ def train_one_epoch(model, batches, replay_banks, optimizer, scaler, args, devic
     batch of every task in joint training."""
     weights = {"seg": args.distill_weight_seg, "det_logits": args.distill_weight_det_logits,
                "det_feature": args.distill_weight_det_feature, "cls": args.distill_weight_cls}
+    det_options = {"mode": args.det_assign, "objectness": args.det_objectness}
     sums, steps = {}, 0
     for step_batches in batches:
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             loss, parts = 0.0, {}
             for task, (images, targets, _) in step_batches.items():
                 outputs = model(model.prepare_input(images))
-                primary_loss, primary_parts = task_loss(task, outputs, move_targets(targets, device),
-                                                        {"mode": args.det_assign, "objectness": args.det_objectness})
+                primary_loss, primary_parts = task_loss(task, outputs, move_targets(targets, device), det_options)
                 loss = loss + primary_loss
                 parts.update(primary_parts)
             for task, bank in replay_banks.items():
