@@ -112,8 +112,12 @@ def build_parser(description=__doc__.split("\n\n")[0]):
                    help="detection target assignment: region (FCOS-style) or center (reference-style ablation)")
     p.add_argument("--det_objectness", default="binary", choices=("binary", "iou"),
                    help="objectness target of a positive cell: 1, or the IoU of its own box (YOLOv5-style)")
+    p.add_argument("--seg_scale_jitter", type=scale_range, default="off", metavar="MIN,MAX",
+                   help="segmentation training: random zoom between MIN and MAX with a small shift; 'off' disables it")
     p.add_argument("--det_scale_jitter", type=scale_range, default="0.5,1.5", metavar="MIN,MAX",
                    help="detection training: random zoom between MIN and MAX with a small shift; 'off' disables it")
+    p.add_argument("--cls_scale_jitter", type=scale_range, default="off", metavar="MIN,MAX",
+                   help="classification training: random zoom between MIN and MAX with a small shift; 'off' disables it")
     # 3: one lucky epoch on 60 images must not become a baseline later stages cannot get back to
     p.add_argument("--select_window", type=int, default=3, metavar="N",
                    help="keep the stage's checkpoint by the mean of its metric over the last N epochs (1: that "
@@ -445,8 +449,8 @@ def refuse_to_overwrite(out_dir, names, hint):
 
 
 def build_train_set(task, args, cache=True):
-    """A task's training set with train.py's augmentation (detection adds --det_scale_jitter)."""
-    augment = train_augmentation(task, scale_jitter=args.det_scale_jitter if task == "det" else None)
+    """A task's training set with train.py's augmentation (flip, colour jitter, --TASK_scale_jitter)."""
+    augment = train_augmentation(task, scale_jitter=getattr(args, f"{task}_scale_jitter"))
     return build_dataset(task, args.data_root, "train", args.img_size, cache=cache, augment=augment)
 
 

@@ -155,7 +155,7 @@ def test_start_from_a_stage_checkpoint_runs_only_the_later_stages(tiny_run, demo
 
 
 @pytest.mark.parametrize("flags", [["--epochs_det", "0"], ["--img_size", "100"], ["--batch_size", "0"],
-                                   ["--det_scale_jitter", "1.5,0.5"], ["--det_scale_jitter", "big"],
+                                   ["--det_scale_jitter", "1.5,0.5"], ["--cls_scale_jitter", "big"],
                                    ["--lr_factor", "4", "neck", "0.1"], ["--lr_factor", "3", "head", "0.1"],
                                    ["--lr_factor", "3", "neck", "fast"], ["--lr_factor", "3", "neck", "-1"],
                                    ["--select_window", "0"]])
@@ -183,20 +183,24 @@ def test_selection_prefers_kept_epochs_then_the_smoothed_own_metric():
     assert train.selection_key(kept, "det", baselines, recent_scores=[0.10]) == (True, 0.10)
 
 
-def test_det_scale_jitter_flag():
-    assert train.parse_args([]).det_scale_jitter == (0.5, 1.5)
+def test_scale_jitter_flags():
+    defaults = train.parse_args([])
+    assert (defaults.seg_scale_jitter, defaults.det_scale_jitter, defaults.cls_scale_jitter) == (None, (0.5, 1.5), None)
     assert train.parse_args(["--det_scale_jitter", "off"]).det_scale_jitter is None
-    assert train.parse_args(["--det_scale_jitter", "0.8,1.25"]).det_scale_jitter == (0.8, 1.25)
+    assert train.parse_args(["--cls_scale_jitter", "0.8,1.25"]).cls_scale_jitter == (0.8, 1.25)
 
 
-def test_detection_train_set_gets_the_scale_jitter_flag(demo_root):
-    def has_zoom(flags):
+@pytest.mark.parametrize("task", ["seg", "det", "cls"])
+def test_each_train_set_gets_its_own_scale_jitter_flag(demo_root, task):
+    def zoom_of(train_task, flags):
         args = train.parse_args(["--data_root", str(demo_root), "--img_size", "64", *flags])
-        return any(isinstance(op, v2.RandomAffine) for op in train.build_train_set("det", args).augment.transforms)
+        ops = train.build_train_set(train_task, args).augment.transforms
+        return [op.scale for op in ops if isinstance(op, v2.RandomAffine)]
 
-    assert has_zoom([]) and not has_zoom(["--det_scale_jitter", "off"])
-    args = train.parse_args(["--data_root", str(demo_root), "--img_size", "64"])
-    assert not any(isinstance(op, v2.RandomAffine) for op in train.build_train_set("seg", args).augment.transforms)
+    assert zoom_of(task, [f"--{task}_scale_jitter", "0.7,1.4"]) == [(0.7, 1.4)]
+    assert zoom_of(task, [f"--{task}_scale_jitter", "off"]) == []
+    other = next(t for t in ("seg", "det", "cls") if t != task)
+    assert zoom_of(other, [f"--{task}_scale_jitter", "0.7,1.4", f"--{other}_scale_jitter", "off"]) == []
 
 
 @pytest.mark.skipif(not platform.libc_ver()[0] == "glibc", reason="keep_freed_memory tunes glibc only")
