@@ -120,6 +120,11 @@ def main(argv=None):
     return report
 
 
+def named_scores(pairs):
+    """'name 0.123, other -' from (name, score or None) pairs; None where there is no ground truth."""
+    return ", ".join(f"{name} {'-' if score is None else f'{score:.3f}'}" for name, score in pairs)
+
+
 def print_table(report, tasks):
     print(f"backbone {report['backbone']}, img_size {report['img_size']}, weights {report['weights']}, "
           f"{report['split']} images")
@@ -143,11 +148,9 @@ def print_table(report, tasks):
               f"variant): {details['mIoU_fg']:.4f}")
     if "AP50_per_class" in details:
         names = report["class_names"].get("det") or [str(k) for k in range(len(details["AP50_per_class"]))]
-        shown = ", ".join(f"{name} {'-' if ap is None else f'{ap:.3f}'}"
-                          for name, ap in zip(names, details["AP50_per_class"]))
+        shown = named_scores(zip(names, details["AP50_per_class"]))
         print(f"det   AP50 per class (- = no ground truth): {shown}")
-        by_size = ", ".join(f"{size} {'-' if value is None else f'{value:.3f}'}"
-                            for size, value in details["recall50_class_agnostic_by_size"].items())
+        by_size = named_scores(details["recall50_class_agnostic_by_size"].items())
         print(f"det   class-agnostic (every box counted as one class): AP50 {details['AP50_class_agnostic']:.4f}, "
               f"recall@0.5 {details['recall50_class_agnostic']:.4f} (by COCO box size: {by_size})")
 
