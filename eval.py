@@ -22,6 +22,7 @@ import torch
 from datasets import TASKS, DataError, build_dataset
 from metrics import MAX_DROP_PERCENT, PRIMARY_METRIC, drop_percent, evaluate
 from models import UnifiedMultiTaskModel, pick_device
+from train import checkpoint_img_sizes, describe_sizes
 
 BASELINE_FLAGS = {"seg": "base_miou", "det": "base_map", "cls": "base_top1"}
 
@@ -38,7 +39,7 @@ def parse_args(argv=None):
                    help="the images scored; train shows no baselines or drops (those are val scores)")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--device", default="auto")
-    p.add_argument("--img_size", type=int, help="input size (default: the checkpoint's)")
+    p.add_argument("--img_size", type=int, help="input size of every task (default: each task's size in the checkpoint)")
     p.add_argument("--bootstrap", type=int, default=0, metavar="N",
                    help="also print a 95%% interval of each score from N resamples of the val images (e.g. 1000)")
     p.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
@@ -83,8 +84,8 @@ def main(argv=None):
     try:
         device = pick_device(args.device)
         model, ckpt = load_model(args.weights, device)
-        img_size = args.img_size or ckpt["img_size"]
-        datasets = {t: build_dataset(t, args.data_root, args.split, img_size, train=False) for t in args.tasks}
+        img_sizes = dict.fromkeys(TASKS, args.img_size) if args.img_size else checkpoint_img_sizes(ckpt)
+        datasets = {t: build_dataset(t, args.data_root, args.split, img_sizes[t], train=False) for t in args.tasks}
     except (ValueError, DataError) as err:
         sys.exit(f"error: {err}")
 
@@ -94,7 +95,7 @@ def main(argv=None):
             baselines[PRIMARY_METRIC[task]] = getattr(args, flag)
 
     report = {"metrics": {}, "baselines": {}, "drops": {}, "met": {}, "backbone": ckpt["backbone"],
-              "img_size": img_size, "weights": str(args.weights), "split": args.split, "details": {},
+              "img_sizes": {t: img_sizes[t] for t in args.tasks}, "weights": str(args.weights), "split": args.split, "details": {},
               "class_names": ckpt.get("class_names", {})}
     for task in args.tasks:
         scores = evaluate(model, datasets[task], task, batch_size=args.batch_size, bootstrap=args.bootstrap)
@@ -126,7 +127,7 @@ def named_scores(pairs):
 
 
 def print_table(report, tasks):
-    print(f"backbone {report['backbone']}, img_size {report['img_size']}, weights {report['weights']}, "
+    print(f"backbone {report['backbone']}, {describe_sizes(report['img_sizes'])}, weights {report['weights']}, "
           f"{report['split']} images")
     details = report["details"]
     print(f"{'task':<5} {'metric':<7} {'baseline':>9} {'final':>8} {'drop %':>8}  result")

@@ -83,7 +83,7 @@ def main(argv=None):
     amp_dtype = train.autocast_dtype(args.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     print(f"joint training of {', '.join(tasks)} for {args.epochs} epochs, backbone {args.backbone}, "
-          f"img_size {args.img_size}, device {device}")
+          f"{train.describe_sizes(args.img_sizes)}, device {device}")
 
     best_score = None
     for epoch in range(1, args.epochs + 1):

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from datasets import DataError, build_dataset, make_loader
 from eval import load_model
 from models import pick_device
+from train import checkpoint_img_sizes
 
 
 def parse_args(argv=None):
@@ -66,7 +67,7 @@ def main(argv=None):
         device = pick_device(args.device)
         model, ckpt = load_model(args.weights, device)
         # train=False: no augmentation, so the probe is deterministic
-        img_size = args.img_size or ckpt["img_size"]
+        img_size = args.img_size or checkpoint_img_sizes(ckpt)["cls"]
         splits = {split: build_dataset("cls", args.data_root, split, img_size, train=False, cache=False)
                   for split in ("train", "val")}
     except (DataError, ValueError) as err:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from datasets import TASKS, DataError, build_dataset, make_loader, train_augmentation
+from datasets import TASK_NAMES, TASKS, DataError, build_dataset, make_loader, train_augmentation
 from losses import distillation_loss, task_loss
 from metrics import MAX_DROP_PERCENT, PRIMARY_METRIC, drop_percent, evaluate
 from models import BACKBONES, PretrainedWeightsError, UnifiedMultiTaskModel, count_trainable_parameters, pick_device
@@ -60,6 +60,11 @@ LR_FACTORS = {
         "task_head": 1.0, "distill_head": 0.2},
 }
 MODULES = tuple(LR_FACTORS[1])
+# Input size of each task's images (square, pixels); the network is fully convolutional, so one
+# model serves every size. 320, not 224: over three seeds each, final mIoU 0.471 against
+# 0.454-0.461 at 224, the other tasks within noise (RESULTS.md), for about twice the time per
+# epoch; half the boxes are smaller than 25 px at 224. --img_size 224 is the faster CPU option.
+IMG_SIZES = {"seg": 320, "det": 320, "cls": 320}
 DISTILL_WEIGHTS = {"seg": 4.0, "det_logits": 5.0, "det_feature": 2.5, "cls": 1.0}
 
 
@@ -82,10 +87,11 @@ def build_parser(description=__doc__.split("\n\n")[0]):
     p.add_argument("--out_dir", default=".")
     p.add_argument("--backbone", default="efficientnet_b0", choices=BACKBONES)
     p.add_argument("--no-pretrained", dest="pretrained", action="store_false", help="random initialisation")
-    # 320, not 224: over three seeds each, final mIoU 0.471 against 0.454-0.461 at 224, the other
-    # tasks within noise (RESULTS.md), for about twice the time per epoch; half the boxes are
-    # smaller than 25 px at 224. --img_size 224 is the faster CPU option.
-    p.add_argument("--img_size", type=int, default=320)
+    p.add_argument("--img_size", type=int, default=None, metavar="N",
+                   help="input size of every task: sets the three --img_size_TASK at once")
+    for task in TASKS:
+        p.add_argument(f"--img_size_{task}", type=int, default=None, metavar="N",
+                       help=f"input size of the {TASK_NAMES[task]} images (default {IMG_SIZES[task]})")
     # Not the reference's 50/70/40: in the runs measured seg and det were near their plateau by
     # about these epochs (RESULTS.md), at well under half the time.
     p.add_argument("--epochs_seg", type=int, default=20)
@@ -144,8 +150,7 @@ def build_parser(description=__doc__.split("\n\n")[0]):
 def parse_args(argv=None, parser=None):
     p = parser or build_parser()
     args = p.parse_args(argv)
-    for name in ("epochs_seg", "epochs_det", "epochs_cls", "batch_size", "replay_batch_size", "img_size",
-                 "select_window"):
+    for name in ("epochs_seg", "epochs_det", "epochs_cls", "batch_size", "replay_batch_size", "select_window"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     args.lr_factors = {stage: dict(table) for stage, table in LR_FACTORS.items()}
@@ -159,8 +164,15 @@ def parse_args(argv=None, parser=None):
             p.error(f"--lr_factor {stage} {module} {value}: VALUE must be a number")
         if args.lr_factors[int(stage)][module] < 0:
             p.error(f"--lr_factor {stage} {module} {value}: VALUE must be >= 0")
-    if args.img_size % 32:
-        p.error(f"--img_size must be a multiple of 32 (the backbone's stride), got {args.img_size}")
+    args.img_sizes = {}
+    for task in TASKS:  # --img_size_TASK, else --img_size, else the task's default
+        flag = f"img_size_{task}" if getattr(args, f"img_size_{task}") is not None else "img_size"
+        size = getattr(args, flag)
+        if size is None:
+            size = IMG_SIZES[task]
+        elif size < 32 or size % 32:
+            p.error(f"--{flag} must be a positive multiple of 32 (the backbone's stride), got {size}")
+        args.img_sizes[task] = size
     return args
 
 
@@ -171,11 +183,18 @@ def apply_demo_settings(args):
     args.data_root = str(make_demo(tempfile.mkdtemp(prefix="onehead_demo_"), n_train=48, n_val=24))
     if args.out_dir == ".":
         args.out_dir = "demo_out"
-    args.backbone, args.img_size, args.batch_size = "efficientnet_lite0", 128, 8
+    args.backbone, args.img_sizes, args.batch_size = "efficientnet_lite0", dict.fromkeys(TASKS, 128), 8
     args.epochs_seg, args.epochs_det, args.epochs_cls = 10, 10, 8
 
 
 # ----------------------------------------------------------------------------- helpers
+def describe_sizes(img_sizes):
+    """'img_size 320' when every task has the same size, else 'img_size seg 320 / det 320 / cls 224'."""
+    if len(set(img_sizes.values())) == 1:
+        return f"img_size {next(iter(img_sizes.values()))}"
+    return "img_size " + " / ".join(f"{task} {size}" for task, size in img_sizes.items())
+
+
 def set_seed(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -284,9 +303,15 @@ def save_atomic(obj, path):
 
 
 def checkpoint(model, args, class_names, baselines, stage, epoch, metrics):
-    return {"model": model.state_dict(), "backbone": args.backbone, "img_size": args.img_size,
+    return {"model": model.state_dict(), "backbone": args.backbone, "img_sizes": dict(args.img_sizes),
             "class_names": class_names, "baselines": dict(baselines), "stage": stage, "epoch": epoch,
             "metrics": metrics, "args": vars(args)}
+
+
+def checkpoint_img_sizes(ckpt):
+    """{task: input size} of a checkpoint (or of its saved args); one img_size for all tasks in
+    checkpoints written before the sizes were per task."""
+    return dict(ckpt["img_sizes"]) if ckpt.get("img_sizes") else dict.fromkeys(TASKS, ckpt["img_size"])
 
 
 def selection_key(metrics, primary, baselines, recent_scores=None):
@@ -451,14 +476,15 @@ def refuse_to_overwrite(out_dir, names, hint):
 def build_train_set(task, args, cache=True):
     """A task's training set with train.py's augmentation (flip, colour jitter, --TASK_scale_jitter)."""
     augment = train_augmentation(task, scale_jitter=getattr(args, f"{task}_scale_jitter"))
-    return build_dataset(task, args.data_root, "train", args.img_size, cache=cache, augment=augment)
+    return build_dataset(task, args.data_root, "train", args.img_sizes[task], cache=cache, augment=augment)
 
 
 def load_data(args):
     """Train and val sets of every task (decoded once, unless --baseline_mode) and class names."""
     cache = not args.baseline_mode
     data = {"train": {task: build_train_set(task, args, cache) for task in TASKS},
-            "val": {task: build_dataset(task, args.data_root, "val", args.img_size, cache=cache) for task in TASKS}}
+            "val": {task: build_dataset(task, args.data_root, "val", args.img_sizes[task], cache=cache)
+                    for task in TASKS}}
     data["class_names"] = {task: data["val"][task].class_names for task in TASKS}
     return data
 
@@ -494,7 +520,7 @@ def main(argv=None):
             state = start_from_checkpoint(Path(args.start_from), out_dir, model, args)
     except (DataError, PretrainedWeightsError, ValueError) as err:
         sys.exit(f"error: {err}")
-    log.info(f"backbone {args.backbone} (pretrained={args.pretrained}), img_size {args.img_size}, device {device}, "
+    log.info(f"backbone {args.backbone} (pretrained={args.pretrained}), {describe_sizes(args.img_sizes)}, device {device}, "
              f"trainable_params {count_trainable_parameters(model)}")
 
     try:
@@ -519,9 +545,12 @@ def start_from_checkpoint(path, out_dir, model, args):
     if not path.is_file():
         raise ValueError(f"--start_from {path}: file not found")
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if ckpt.get("backbone") != args.backbone or ckpt.get("img_size") != args.img_size:
-        raise ValueError(f"--start_from {path}: trained with backbone {ckpt.get('backbone')} and img_size "
-                         f"{ckpt.get('img_size')}; pass the same flags")
+    # The stages it holds must have seen the same inputs; later tasks may change their size.
+    done = [task for stage, task in STAGES if stage <= ckpt["stage"]]
+    sizes = checkpoint_img_sizes(ckpt)
+    if ckpt.get("backbone") != args.backbone or any(sizes[task] != args.img_sizes[task] for task in done):
+        raise ValueError(f"--start_from {path}: trained with backbone {ckpt.get('backbone')} and "
+                         f"{describe_sizes({task: sizes[task] for task in done})}; pass the same flags")
     model.load_state_dict(ckpt["model"])
     target = out_dir / CHECKPOINT_NAMES[ckpt["stage"]]
     if target.resolve() != path.resolve():
@@ -534,9 +563,10 @@ def resume_state(out_dir, model, args):
     if not path.exists():
         raise ValueError(f"--resume: {path} not found; start without --resume")
     state = torch.load(path, map_location="cpu", weights_only=False)
-    if state["args"]["backbone"] != args.backbone or state["args"]["img_size"] != args.img_size:
-        raise ValueError(f"--resume: {path} was trained with backbone {state['args']['backbone']} and img_size "
-                         f"{state['args']['img_size']}; pass the same flags")
+    sizes = checkpoint_img_sizes(state["args"])
+    if state["args"]["backbone"] != args.backbone or sizes != args.img_sizes:
+        raise ValueError(f"--resume: {path} was trained with backbone {state['args']['backbone']} and "
+                         f"{describe_sizes(sizes)}; pass the same flags")
     model.load_state_dict(state.pop("model"))
     state.pop("args")
     state.pop("epochs_this_run", None)  # counts this invocation's epochs only (--stop_after_epochs)

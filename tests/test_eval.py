@@ -32,7 +32,7 @@ def test_eval_json_has_every_key_and_uses_checkpoint_baselines(trained, demo_roo
     assert set(report["metrics"]) == set(report["baselines"]) == {"mIoU", "mAP_50", "top1"}
     assert set(report["drops"]) == set(report["met"]) == {"mIoU", "mAP_50", "top1"}
     assert all(0.0 <= v <= 1.0 for v in report["metrics"].values())
-    assert report["backbone"] == "efficientnet_lite0" and report["img_size"] == 64
+    assert report["backbone"] == "efficientnet_lite0" and report["img_sizes"] == {"seg": 64, "det": 64, "cls": 64}
     ckpt = torch.load(trained / "model_final_best_1pass.pt", weights_only=False)
     assert report["baselines"] == ckpt["baselines"]
     # The final checkpoint's own task was scored in training exactly as eval.py scores it.

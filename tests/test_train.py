@@ -6,6 +6,7 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
+import eval as eval_script
 import train
 from losses import distillation_loss
 from models import UnifiedMultiTaskModel
@@ -33,7 +34,7 @@ def test_end_to_end_writes_every_output(tiny_run):
         assert (out_dir / name).is_file(), name
     assert set(baselines) == {"mIoU", "mAP_50", "top1"}
     final = torch.load(out_dir / "model_final_best_1pass.pt", weights_only=False)
-    assert final["backbone"] == "efficientnet_lite0" and final["img_size"] == 64
+    assert final["backbone"] == "efficientnet_lite0" and final["img_sizes"] == {"seg": 64, "det": 64, "cls": 64}
     assert final["baselines"] == baselines
     assert set(final["class_names"]) == {"seg", "det", "cls"} and len(final["class_names"]["det"]) == 10
     s1 = torch.load(out_dir / "model_s1_best.pt", weights_only=False)
@@ -154,7 +155,8 @@ def test_start_from_a_stage_checkpoint_runs_only_the_later_stages(tiny_run, demo
     assert final["baselines"]["mIoU"] == baselines["mIoU"], "the stage-1 baseline carries over"
 
 
-@pytest.mark.parametrize("flags", [["--epochs_det", "0"], ["--img_size", "100"], ["--batch_size", "0"],
+@pytest.mark.parametrize("flags", [["--epochs_det", "0"], ["--img_size", "100"], ["--img_size_cls", "0"],
+                                   ["--batch_size", "0"],
                                    ["--det_scale_jitter", "1.5,0.5"], ["--cls_scale_jitter", "big"],
                                    ["--lr_factor", "4", "neck", "0.1"], ["--lr_factor", "3", "head", "0.1"],
                                    ["--lr_factor", "3", "neck", "fast"], ["--lr_factor", "3", "neck", "-1"],
@@ -163,6 +165,39 @@ def test_bad_flags_are_rejected(flags, capsys):
     with pytest.raises(SystemExit) as exit_info:
         train.parse_args(flags)
     assert exit_info.value.code == 2 and flags[0] in capsys.readouterr().err
+
+
+def test_img_size_flags_set_every_task_or_one():
+    assert train.parse_args([]).img_sizes == train.IMG_SIZES
+    assert train.parse_args(["--img_size", "256"]).img_sizes == {"seg": 256, "det": 256, "cls": 256}
+    args = train.parse_args(["--img_size", "256", "--img_size_cls", "160"])
+    assert args.img_sizes == {"seg": 256, "det": 256, "cls": 160}, "a task's own flag wins over --img_size"
+    assert train.parse_args(["--img_size_det", "416"]).img_sizes == {**train.IMG_SIZES, "det": 416}
+
+
+def test_checkpoint_img_sizes_reads_old_single_size_checkpoints():
+    assert train.checkpoint_img_sizes({"img_size": 224}) == {"seg": 224, "det": 224, "cls": 224}
+    sizes = {"seg": 320, "det": 320, "cls": 224}
+    assert train.checkpoint_img_sizes({"img_sizes": sizes, "img_size": None}) == sizes
+
+
+def test_each_task_trains_and_validates_at_its_own_size(tiny_run, demo_root, tmp_path):
+    # --start_from a stage-1 checkpoint: later tasks may change their size, finished ones may not
+    out_dir, _ = tiny_run
+    run_train(demo_root, tmp_path, "--start_from", str(out_dir / "model_s1_best.pt"), "--img_size_cls", "96")
+    final = torch.load(tmp_path / "model_final_best_1pass.pt", weights_only=False)
+    assert final["img_sizes"] == {"seg": 64, "det": 64, "cls": 96}
+    log = (tmp_path / "training_log_single_pass.txt").read_text()
+    assert "img_size seg 64 / det 64 / cls 96" in log
+    # eval.py reads each task's size from the checkpoint and scores as training-time validation did
+    report = eval_script.main(["--weights", str(tmp_path / "model_final_best_1pass.pt"), "--data_root",
+                               str(demo_root), "--tasks", "all"])
+    assert report["img_sizes"] == final["img_sizes"]
+    assert report["metrics"]["top1"] == pytest.approx(final["metrics"]["top1"])
+    with pytest.raises(SystemExit) as exit_info:
+        run_train(demo_root, tmp_path / "other", "--start_from", str(out_dir / "model_s1_best.pt"),
+                  "--img_size_seg", "96")
+    assert "--start_from" in str(exit_info.value) and "img_size 64" in str(exit_info.value)
 
 
 def test_lr_factor_overrides_one_entry_of_one_stage():
