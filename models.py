@@ -192,12 +192,16 @@ class UnifiedMultiTaskModel(nn.Module):
             "feat": feat,
         }
 
+    def backbone_taps(self, images):
+        """The backbone's stride-16 tap and its stride-32 output upsampled to stride 16: what the
+        neck concatenates."""
+        s16, s32 = self.backbone((images - self.mean) / self.std)
+        return s16, F.interpolate(s32, size=s16.shape[-2:], mode="bilinear", align_corners=False)
+
     def feature_maps(self, images):
         """The stride-16 maps on the way to the heads, in order: the backbone's s32 output
         (upsampled), the neck's, and each shared conv's (probe.py looks inside with this)."""
-        x = (images - self.mean) / self.std
-        s16, s32 = self.backbone(x)
-        s32 = F.interpolate(s32, size=s16.shape[-2:], mode="bilinear", align_corners=False)
+        s16, s32 = self.backbone_taps(images)
         maps = {"backbone_s32": s32, "neck": self.neck(torch.cat([s16, s32], 1))}
         x = maps["neck"]
         for name in ("shared_conv1", "shared_conv2", "shared_conv3"):
