@@ -78,8 +78,7 @@ def main(argv=None):
     tasks, lr = args.tasks, getattr(args, f"lr_{args.tasks[0]}")
     optimizer = torch.optim.AdamW(train.parameter_groups(model, tasks, [], args.lr_factors[1], lr),
                                   weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5,
-                                                           patience=args.plateau_patience)
+    scheduler = train.make_scheduler(optimizer, args, args.epochs)
     amp_dtype = train.autocast_dtype(args.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     print(f"joint training of {', '.join(tasks)} for {args.epochs} epochs, backbone {args.backbone}, "
@@ -103,7 +102,7 @@ def main(argv=None):
             sys.exit(f"error: {err}: training stopped; {out_dir / CHECKPOINT_NAME} (if written) is intact")
         metrics = train.validate(model, data["val"], tasks, args)
         score = sum(metrics[PRIMARY_METRIC[task]] for task in tasks) / len(tasks)
-        scheduler.step(score)
+        train.step_scheduler(scheduler, score)
         is_best = best_score is None or score > best_score
         if is_best:
             best_score = score

@@ -130,6 +130,9 @@ def build_parser(description=__doc__.split("\n\n")[0]):
     p.add_argument("--select_window", type=int, default=3, metavar="N",
                    help="keep the stage's checkpoint by the mean of its metric over the last N epochs (1: that "
                         "epoch's alone); the baseline stays the kept epoch's own score")
+    p.add_argument("--lr_schedule", default="plateau", choices=("plateau", "cosine"),
+                   help="per-epoch LR: halve it after --plateau_patience epochs without a better primary score, "
+                        "or anneal it to 0 over the stage (cosine)")
     p.add_argument("--plateau_patience", type=int, default=8, help="ReduceLROnPlateau patience (epochs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -383,6 +386,22 @@ def train_one_epoch(model, batches, replay_banks, optimizer, scaler, args, devic
     return losses
 
 
+def make_scheduler(optimizer, args, epochs):
+    """The per-epoch LR schedule of --lr_schedule; step it with step_scheduler."""
+    if args.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5,
+                                                      patience=args.plateau_patience)
+
+
+def step_scheduler(scheduler, score):
+    """End of an epoch: the plateau schedule needs the epoch's score, cosine only counts epochs."""
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        scheduler.step(score)
+    else:
+        scheduler.step()
+
+
 def validate(model, val_sets, tasks, args):
     metrics = {}
     for task in tasks:
@@ -401,8 +420,7 @@ def run_stage(stage, primary, model, data, state, args, device, log):
     amp_dtype = autocast_dtype(args.amp, device)
     optimizer = torch.optim.AdamW(parameter_groups(model, [primary], learned, args.lr_factors[stage], base_lr),
                                   weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5,
-                                                           patience=args.plateau_patience)
+    scheduler = make_scheduler(optimizer, args, epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     replay_banks, replay_rng = {}, torch.Generator().manual_seed(args.seed + stage)
@@ -435,7 +453,8 @@ def run_stage(stage, primary, model, data, state, args, device, log):
         losses = train_one_epoch(model, batches, replay_banks, optimizer, scaler, args, device, amp_dtype)
         metrics = validate(model, data["val"], seen, args)
         own = metrics[PRIMARY_METRIC[primary]]
-        scheduler.step(own)
+        head_lr = next((g["lr"] for g in optimizer.param_groups if g["name"] == f"{primary}_head"), 0.0)
+        step_scheduler(scheduler, own)  # after reading the LR: the log has the one this epoch trained with
         state["recent_scores"] = (state.get("recent_scores", []) + [own])[-args.select_window:]
         key = selection_key(metrics, primary, state["baselines"], state["recent_scores"])
         is_best = best_key is None or tuple(key) > tuple(best_key)
@@ -444,7 +463,6 @@ def run_stage(stage, primary, model, data, state, args, device, log):
             baselines = {**state["baselines"], PRIMARY_METRIC[primary]: own}
             save_atomic(checkpoint(model, args, data["class_names"], baselines, stage, epoch, metrics),
                         out_dir / CHECKPOINT_NAMES[stage])
-        head_lr = next((g["lr"] for g in optimizer.param_groups if g["name"] == f"{primary}_head"), 0.0)
         record = {"stage": stage, "task": primary, "epoch": epoch, "epochs": epochs, "lr": head_lr,
                   "losses": losses, **metrics, "baselines": state["baselines"], "best": is_best,
                   "time_s": round(time.time() - started, 2)}
@@ -569,6 +587,9 @@ def resume_state(out_dir, model, args):
     if state["args"]["backbone"] != args.backbone or sizes != args.img_sizes:
         raise ValueError(f"--resume: {path} was trained with backbone {state['args']['backbone']} and "
                          f"{describe_sizes(sizes)}; pass the same flags")
+    schedule = state["args"].get("lr_schedule", "plateau")  # checkpoints before the flag: plateau
+    if schedule != args.lr_schedule:
+        raise ValueError(f"--resume: {path} was trained with --lr_schedule {schedule}; pass the same flag")
     model.load_state_dict(state.pop("model"))
     state.pop("args")
     state.pop("epochs_this_run", None)  # counts this invocation's epochs only (--stop_after_epochs)

@@ -207,6 +207,37 @@ def test_lr_factor_overrides_one_entry_of_one_stage():
     assert train.LR_FACTORS[3]["neck"] != 0.5, "the module-level table is not modified"
 
 
+@pytest.mark.parametrize("schedule", ["plateau", "cosine"])
+def test_lr_schedules(schedule):
+    args = train.parse_args(["--lr_schedule", schedule, "--plateau_patience", "2"])
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = train.make_scheduler(optimizer, args, epochs=10)
+    lrs = []
+    for _ in range(10):  # a score that never improves
+        lrs.append(optimizer.param_groups[0]["lr"])
+        train.step_scheduler(scheduler, 0.5)
+    if schedule == "plateau":  # halved after the first epoch plus 2 without a better score
+        assert lrs[:4] == [1.0] * 4 and lrs[4] == 0.5
+    else:  # falls every epoch, towards 0 at the end of the stage
+        assert lrs[0] == 1.0 and all(a > b for a, b in zip(lrs, lrs[1:])) and lrs[-1] < 0.03
+
+
+def test_cosine_schedule_restarts_in_every_stage(demo_root, tmp_path):
+    run_train(demo_root, tmp_path, "--lr_schedule", "cosine", "--epochs_det", "2")
+    records = [json.loads(line) for line in (tmp_path / "training_log.jsonl").read_text().splitlines()]
+    det = [r["lr"] for r in records if r["task"] == "det"]
+    assert det[0] == pytest.approx(train.parse_args([]).lr_det) and det[1] < det[0]
+    assert [r["lr"] for r in records if r["task"] == "cls"] == [pytest.approx(1e-3)]
+
+
+def test_resume_with_another_lr_schedule_is_a_clear_error(demo_root, tmp_path):
+    with pytest.raises(SystemExit):
+        run_train(demo_root, tmp_path, "--stop_after_epochs", "1")
+    with pytest.raises(SystemExit) as exit_info:
+        run_train(demo_root, tmp_path, "--resume", "--lr_schedule", "cosine")
+    assert "--lr_schedule plateau" in str(exit_info.value)
+
+
 def test_selection_prefers_kept_epochs_then_the_smoothed_own_metric():
     baselines = {"mIoU": 0.5}
     kept, broken = {"mIoU": 0.49, "mAP_50": 0.10}, {"mIoU": 0.40, "mAP_50": 0.30}
