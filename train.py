@@ -131,8 +131,8 @@ def build_parser(description=__doc__.split("\n\n")[0]):
                    help="keep the stage's checkpoint by the mean of its metric over the last N epochs (1: that "
                         "epoch's alone); the baseline stays the kept epoch's own score")
     p.add_argument("--lr_schedule", default="plateau", choices=("plateau", "cosine"),
-                   help="per-epoch LR: halve it after --plateau_patience epochs without a better primary score, "
-                        "or anneal it to 0 over the stage (cosine)")
+                   help="per-epoch LR: halve it once more than --plateau_patience epochs in a row bring no better "
+                        "primary score, or anneal it to 0 over the stage (cosine)")
     p.add_argument("--plateau_patience", type=int, default=8, help="ReduceLROnPlateau patience (epochs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
