@@ -61,12 +61,12 @@ LR_FACTORS = {
 }
 MODULES = tuple(LR_FACTORS[1])
 # Input size of each task's images (square, pixels); the network is fully convolutional, so one
-# model serves every size. Seg and det at 320, not 224: over three seeds each, final mIoU
-# 0.471 against 0.454-0.461 at 224 (RESULTS.md); half the boxes are smaller than 25 px at 224.
-# Cls at 224: its images are 160 px; from the same stage-2 checkpoints stage 3 at 224 learned
-# faster than at 320 in three seeds and ended within noise of it (higher in two, RESULTS.md),
-# each epoch about 0.8x as long.
-IMG_SIZES = {"seg": 320, "det": 320, "cls": 224}
+# model serves every size. Seg at 416: over three seeds final mIoU 0.490 against 0.463 at 320
+# (RESULTS.md), at about 1.25x the run time. Det at 320, not 224: half the boxes are smaller
+# than 25 px at 224. Cls at 224: its images are 160 px; from the same stage-2 checkpoints
+# stage 3 at 224 learned faster than at 320 in three seeds and ended within noise of it (higher
+# in two, RESULTS.md), each epoch about 0.8x as long.
+IMG_SIZES = {"seg": 416, "det": 320, "cls": 224}
 DISTILL_WEIGHTS = {"seg": 4.0, "det_logits": 5.0, "det_feature": 2.5, "cls": 1.0}
 
 
