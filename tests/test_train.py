@@ -215,6 +215,7 @@ def test_lr_schedules(schedule):
     lrs = []
     for _ in range(10):  # a score that never improves
         lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()  # as in training: the optimizer steps before the schedule does
         train.step_scheduler(scheduler, 0.5)
     if schedule == "plateau":  # halved after the first epoch plus 2 without a better score
         assert lrs[:4] == [1.0] * 4 and lrs[4] == 0.5
