@@ -11,17 +11,19 @@ from datasets import VOID
 from detection import detection_loss
 
 
-def task_loss(task, outputs, targets, det_options=None):
+def task_loss(task, outputs, targets, options=None):
     """Returns (loss, parts): parts maps names to detached scalars for the log.
-    det_options: keyword arguments of detection_loss (assignment mode, objectness target)."""
+    options: the task's loss settings: for det the keyword arguments of detection_loss
+    (assignment mode, objectness target), for cls {"label_smoothing": eps}."""
+    options = options or {}
     if task == "seg":
         loss = F.cross_entropy(outputs["seg"].float(), targets.long(), ignore_index=VOID)
         return loss, {"seg": loss.detach()}
     if task == "det":
-        loss, parts = detection_loss(outputs["det"], targets, **(det_options or {}))
+        loss, parts = detection_loss(outputs["det"], targets, **options)
         return loss, {"det": loss.detach(), **parts}
     if task == "cls":
-        loss = F.cross_entropy(outputs["cls"].float(), targets)
+        loss = F.cross_entropy(outputs["cls"].float(), targets, label_smoothing=options.get("label_smoothing", 0.0))
         return loss, {"cls": loss.detach()}
     raise ValueError(f"unknown task {task!r}")
 

@@ -120,6 +120,8 @@ def build_parser(description=__doc__.split("\n\n")[0]):
                    help="detection target assignment: region (FCOS-style) or center (reference-style ablation)")
     p.add_argument("--det_objectness", default="binary", choices=("binary", "iou"),
                    help="objectness target of a positive cell: 1, or the IoU of its own box (YOLOv5-style)")
+    p.add_argument("--label_smoothing", type=float, default=0.0, metavar="EPS",
+                   help="classification loss: cross-entropy with this label smoothing (0: none)")
     p.add_argument("--seg_scale_jitter", type=scale_range, default="off", metavar="MIN,MAX",
                    help="segmentation training: random zoom between MIN and MAX with a small shift; 'off' disables it")
     p.add_argument("--det_scale_jitter", type=scale_range, default="0.5,1.5", metavar="MIN,MAX",
@@ -158,6 +160,8 @@ def parse_args(argv=None, parser=None):
     for name in ("epochs_seg", "epochs_det", "epochs_cls", "batch_size", "replay_batch_size", "select_window"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if not 0 <= args.label_smoothing < 1:
+        p.error(f"--label_smoothing must be in [0, 1), got {args.label_smoothing}")
     args.lr_factors = {stage: dict(table) for stage, table in LR_FACTORS.items()}
     for stage, module, value in args.lr_factor:
         if stage not in map(str, LR_FACTORS) or module not in MODULES:
@@ -353,14 +357,16 @@ def train_one_epoch(model, batches, replay_banks, optimizer, scaler, args, devic
     batch of every task in joint training."""
     weights = {"seg": args.distill_weight_seg, "det_logits": args.distill_weight_det_logits,
                "det_feature": args.distill_weight_det_feature, "cls": args.distill_weight_cls}
-    det_options = {"mode": args.det_assign, "objectness": args.det_objectness}
+    loss_options = {"seg": {}, "det": {"mode": args.det_assign, "objectness": args.det_objectness},
+                    "cls": {"label_smoothing": args.label_smoothing}}
     sums, steps = {}, 0
     for step_batches in batches:
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             loss, parts = 0.0, {}
             for task, (images, targets, _) in step_batches.items():
                 outputs = model(model.prepare_input(images))
-                primary_loss, primary_parts = task_loss(task, outputs, move_targets(targets, device), det_options)
+                primary_loss, primary_parts = task_loss(task, outputs, move_targets(targets, device),
+                                                        loss_options[task])
                 loss = loss + primary_loss
                 parts.update(primary_parts)
             for task, bank in replay_banks.items():

@@ -8,7 +8,7 @@ from torchvision.transforms import v2
 
 import eval as eval_script
 import train
-from losses import distillation_loss
+from losses import distillation_loss, task_loss
 from models import UnifiedMultiTaskModel
 
 TINY = ["--backbone", "efficientnet_lite0", "--no-pretrained", "--img_size", "64", "--batch_size", "4",
@@ -103,6 +103,17 @@ def test_distillation_is_zero_when_student_equals_teacher(task):
     assert distillation_loss(task, other, outputs, weights, temperature=2.0)[0].item() > 1e-3
 
 
+def test_label_smoothing_moves_the_classification_target_off_one_hot():
+    logits = torch.tensor([[8.0, 0.0, 0.0], [0.0, 8.0, 0.0]])
+    labels = torch.tensor([0, 1])
+    plain, _ = task_loss("cls", {"cls": logits}, labels)
+    smoothed, _ = task_loss("cls", {"cls": logits}, labels, {"label_smoothing": 0.1})
+    # eps spreads its mass evenly over the 3 classes: loss = (1 - eps) * CE(true) + eps * mean CE(all)
+    log_p = torch.log_softmax(logits, 1)
+    expected = -(0.9 * log_p[[0, 1], labels] + 0.1 * log_p.mean(1)).mean()
+    assert smoothed.item() == pytest.approx(expected.item(), rel=1e-5) and smoothed > plain
+
+
 def test_resume_after_an_interruption_gives_the_same_outputs(demo_root, tmp_path):
     # --select_window 2: the recent scores it averages must survive the interruption too
     straight = tmp_path / "straight"
@@ -132,8 +143,8 @@ def test_resume_without_a_previous_run_is_a_clear_error(demo_root, tmp_path, cap
 def test_a_nan_loss_stops_cleanly_and_keeps_earlier_checkpoints(demo_root, tmp_path, monkeypatch):
     real_task_loss = train.task_loss
 
-    def nan_in_detection(task, outputs, targets, det_options=None):
-        loss, parts = real_task_loss(task, outputs, targets, det_options)
+    def nan_in_detection(task, outputs, targets, options=None):
+        loss, parts = real_task_loss(task, outputs, targets, options)
         return (loss * float("nan"), parts) if task == "det" else (loss, parts)
 
     monkeypatch.setattr(train, "task_loss", nan_in_detection)
@@ -160,7 +171,8 @@ def test_start_from_a_stage_checkpoint_runs_only_the_later_stages(tiny_run, demo
                                    ["--det_scale_jitter", "1.5,0.5"], ["--cls_scale_jitter", "big"],
                                    ["--lr_factor", "4", "neck", "0.1"], ["--lr_factor", "3", "head", "0.1"],
                                    ["--lr_factor", "3", "neck", "fast"], ["--lr_factor", "3", "neck", "-1"],
-                                   ["--select_window", "0"]])
+                                   ["--select_window", "0"], ["--label_smoothing", "1"],
+                                   ["--label_smoothing", "-0.1"]])
 def test_bad_flags_are_rejected(flags, capsys):
     with pytest.raises(SystemExit) as exit_info:
         train.parse_args(flags)
