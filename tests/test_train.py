@@ -1,4 +1,5 @@
 """train.py: end to end on demo data, parameter groups, distillation, resume, NaN handling."""
+import copy
 import json
 import platform
 
@@ -112,6 +113,30 @@ def test_label_smoothing_moves_the_classification_target_off_one_hot():
     log_p = torch.log_softmax(logits, 1)
     expected = -(0.9 * log_p[[0, 1], labels] + 0.1 * log_p.mean(1)).mean()
     assert smoothed.item() == pytest.approx(expected.item(), rel=1e-5) and smoothed > plain
+
+
+def test_a_step_backpropagates_each_task_and_equals_the_summed_loss_step():
+    """train_one_epoch backpropagates one task at a time; the step must be the summed loss's."""
+    torch.manual_seed(0)
+    model = UnifiedMultiTaskModel("efficientnet_lite0", pretrained=False)
+    twin = copy.deepcopy(model)
+    args = train.parse_args(["--label_smoothing", "0.1"])
+    batch = {"seg": (torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8), torch.randint(0, 21, (2, 64, 64)), None),
+             "cls": (torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8), torch.tensor([1, 7]), None)}
+    device = torch.device("cpu")
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    losses = train.train_one_epoch(model, [batch], {}, optimizer, scaler, args, device, None)
+
+    twin_optimizer = torch.optim.SGD(twin.parameters(), lr=0.1)
+    summed = sum(task_loss(task, twin(twin.prepare_input(images)), targets,
+                           {"label_smoothing": 0.1} if task == "cls" else {})[0]
+                 for task, (images, targets, _) in batch.items())
+    summed.backward()
+    twin_optimizer.step()
+    assert losses["total"] == pytest.approx(summed.item(), rel=1e-5)
+    for (name, after), twin_after in zip(model.state_dict().items(), twin.state_dict().values()):
+        assert torch.allclose(after.float(), twin_after.float(), atol=1e-6), name
 
 
 def test_resume_after_an_interruption_gives_the_same_outputs(demo_root, tmp_path):
