@@ -359,8 +359,8 @@ def train_one_epoch(model, batches, replay_banks, optimizer, scaler, args, devic
 
     Each loss is backpropagated as soon as it is computed and the gradients add up before the
     step: the same step as one backward of the summed loss, but only one task's graph is held
-    at a time (joint.py at the default sizes: 8.8 GiB peak, against 12.9 GiB or more with one
-    backward of the sum; RESULTS.md)."""
+    at a time (the first joint.py epoch at the default sizes: 8.8 GiB peak instead of 12.8 GiB;
+    RESULTS.md)."""
     weights = {"seg": args.distill_weight_seg, "det_logits": args.distill_weight_det_logits,
                "det_feature": args.distill_weight_det_feature, "cls": args.distill_weight_cls}
     loss_options = {"seg": {}, "det": {"mode": args.det_assign, "objectness": args.det_objectness},
