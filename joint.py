@@ -64,8 +64,9 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     # Unlike train.py, no train.keep_freed_memory(): a joint step allocates at three input sizes and
-    # the kept blocks grew a run's peak from 9.7 to 13.0 GiB over five epochs, for a speed gain
-    # gone by epoch 3; glibc's own limits held three epochs under 9.1 GiB (RESULTS.md, Memory)
+    # the kept blocks grew a run's peak from 9.7 to 13.0 GiB over five epochs (even with malloc_trim
+    # after each), for 1.2x in epoch 1 and no gain by epoch 3; glibc's own limits held three epochs
+    # under 9.1 GiB (RESULTS.md, Memory)
     out_dir = Path(args.out_dir)
     train.refuse_to_overwrite(out_dir, [CHECKPOINT_NAME, "joint_log.jsonl"], "choose another --out_dir")
     out_dir.mkdir(parents=True, exist_ok=True)
