@@ -84,6 +84,8 @@ def main(argv=None):
     scheduler = train.make_scheduler(optimizer, args, args.epochs)
     amp_dtype = train.autocast_dtype(args.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    weight_average = train.make_weight_average(model, args.ema_decay)
+    scored = model if weight_average is None else weight_average.module  # validated and kept
     print(f"joint training of {', '.join(tasks)} for {args.epochs} epochs, backbone {args.backbone}, "
           f"{train.describe_sizes(args.img_sizes)}, device {device}")
 
@@ -100,16 +102,17 @@ def main(argv=None):
                      leave=False, disable=None)
         batches = (dict(zip(tasks, step)) for step in steps)
         try:
-            losses = train.train_one_epoch(model, batches, {}, optimizer, scaler, args, device, amp_dtype)
+            losses = train.train_one_epoch(model, batches, {}, optimizer, scaler, args, device, amp_dtype,
+                                           weight_average)
         except train.NonFiniteLossError as err:
             sys.exit(f"error: {err}: training stopped; {out_dir / CHECKPOINT_NAME} (if written) is intact")
-        metrics = train.validate(model, data["val"], tasks, args)
+        metrics = train.validate(scored, data["val"], tasks, args)
         score = sum(metrics[PRIMARY_METRIC[task]] for task in tasks) / len(tasks)
         train.step_scheduler(scheduler, score)
         is_best = best_score is None or score > best_score
         if is_best:
             best_score = score
-            train.save_atomic(train.checkpoint(model, args, data["class_names"], {}, "joint", epoch, metrics),
+            train.save_atomic(train.checkpoint(scored, args, data["class_names"], {}, "joint", epoch, metrics),
                               out_dir / CHECKPOINT_NAME)
         record = {"task": "joint", "tasks": tasks, "epoch": epoch, "epochs": args.epochs, "losses": losses, **metrics,
                   "mean_score": score, "best": is_best, "time_s": round(time.time() - started, 2)}

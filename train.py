@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from datasets import TASK_NAMES, TASKS, DataError, build_dataset, make_loader, train_augmentation
@@ -140,6 +141,10 @@ def build_parser(description=__doc__.split("\n\n")[0]):
                    help="per-epoch LR: halve it once more than --plateau_patience epochs in a row bring no better "
                         "primary score, or anneal it to 0 over the stage (cosine)")
     p.add_argument("--plateau_patience", type=int, default=8, help="ReduceLROnPlateau patience (epochs)")
+    p.add_argument("--ema_decay", type=float, default=0.0, metavar="D",
+                   help="validate, keep and pass on an exponential moving average of the weights, updated after "
+                        "every optimiser step with this decay (0: off, the raw weights). At batch 32 an epoch is 8 "
+                        "steps, so 0.95 averages about the last 2.5 epochs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers (images are cached in memory)")
@@ -166,6 +171,8 @@ def parse_args(argv=None, parser=None):
             p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if not 0 <= args.label_smoothing < 1:
         p.error(f"--label_smoothing must be in [0, 1), got {args.label_smoothing}")
+    if not 0 <= args.ema_decay < 1:
+        p.error(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
     if not (args.backbone_similarity >= 0 and math.isfinite(args.backbone_similarity)):
         p.error(f"--backbone_similarity must be a finite number >= 0, got {args.backbone_similarity}")
     args.lr_factors = {stage: dict(table) for stage, table in LR_FACTORS.items()}
@@ -357,10 +364,11 @@ def setup_logging(out_dir):
 
 
 # ----------------------------------------------------------------------------- one stage
-def train_one_epoch(model, batches, replay_banks, optimizer, scaler, args, device, amp_dtype):
+def train_one_epoch(model, batches, replay_banks, optimizer, scaler, args, device, amp_dtype, weight_average=None):
     """One optimiser step per item of `batches`, a dict {task: (images, targets, indices)}: the
     primary task's batch in a sequential stage (plus one replay batch per earlier task), one
-    batch of every task in joint training.
+    batch of every task in joint training. `weight_average` (make_weight_average) is updated
+    after every step.
 
     Each loss is backpropagated as soon as it is computed and the gradients add up before the
     step: the same step as one backward of the summed loss, but only one task's graph is held
@@ -393,6 +401,8 @@ def train_one_epoch(model, batches, replay_banks, optimizer, scaler, args, devic
             parts.update(loss_parts)
         scaler.step(optimizer)
         scaler.update()
+        if weight_average is not None:
+            weight_average.update_parameters(model)
         # Sums stay on the device: no host sync per step, one at the end of the epoch.
         parts["total"] = total
         for name, value in parts.items():
@@ -402,6 +412,16 @@ def train_one_epoch(model, batches, replay_banks, optimizer, scaler, args, devic
     if not all(math.isfinite(v) for v in losses.values()):
         raise NonFiniteLossError(f"non-finite training loss {losses}")
     return losses
+
+
+def make_weight_average(model, decay):
+    """--ema_decay: an exponential moving average of the weights and BatchNorm statistics
+    (torch.optim.swa_utils.AveragedModel), or None when the decay is 0. Each stage starts a new
+    one from the weights it begins with: in stages 2-3 the previous stage's model, which the
+    average lets go of at the rate `decay` per step."""
+    if decay == 0:
+        return None
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def make_scheduler(optimizer, args, epochs):
@@ -440,6 +460,8 @@ def run_stage(stage, primary, model, data, state, args, device, log):
                                   weight_decay=args.weight_decay)
     scheduler = make_scheduler(optimizer, args, epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    weight_average = make_weight_average(model, args.ema_decay)
+    scored = model if weight_average is None else weight_average.module  # validated, kept, passed on
 
     replay_banks, replay_rng = {}, torch.Generator().manual_seed(args.seed + stage)
     if learned:  # the model as the previous stage left it (its kept checkpoint), frozen
@@ -454,6 +476,8 @@ def run_stage(stage, primary, model, data, state, args, device, log):
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
+        if weight_average is not None:
+            weight_average.load_state_dict(state["weight_average"])
         start_epoch, best_key = state["epoch"] + 1, state["best_key"]
         replay_rng.set_state(state["replay_rng"])
     else:
@@ -468,8 +492,9 @@ def run_stage(stage, primary, model, data, state, args, device, log):
                              pin_memory=device.type == "cuda", seed=args.seed + 1000 * stage + epoch)
         batches = ({primary: batch} for batch in tqdm(loader, desc=f"s{stage} {primary} {epoch}/{epochs}",
                                                       leave=False, disable=None))
-        losses = train_one_epoch(model, batches, replay_banks, optimizer, scaler, args, device, amp_dtype)
-        metrics = validate(model, data["val"], seen, args)
+        losses = train_one_epoch(model, batches, replay_banks, optimizer, scaler, args, device, amp_dtype,
+                                 weight_average)
+        metrics = validate(scored, data["val"], seen, args)
         own = metrics[PRIMARY_METRIC[primary]]
         head_lr = next((g["lr"] for g in optimizer.param_groups if g["name"] == f"{primary}_head"), 0.0)
         step_scheduler(scheduler, own)  # after reading the LR: the log has the one this epoch trained with
@@ -479,7 +504,7 @@ def run_stage(stage, primary, model, data, state, args, device, log):
         if is_best:
             best_key = key
             baselines = {**state["baselines"], PRIMARY_METRIC[primary]: own}
-            save_atomic(checkpoint(model, args, data["class_names"], baselines, stage, epoch, metrics),
+            save_atomic(checkpoint(scored, args, data["class_names"], baselines, stage, epoch, metrics),
                         out_dir / CHECKPOINT_NAMES[stage])
         record = {"stage": stage, "task": primary, "epoch": epoch, "epochs": epochs, "lr": head_lr,
                   "losses": losses, **metrics, "baselines": state["baselines"], "best": is_best,
@@ -490,7 +515,8 @@ def run_stage(stage, primary, model, data, state, args, device, log):
         log.info(f"stage {stage} epoch {epoch}/{epochs} loss {losses['total']:.4f} {shown}"
                  f"{' *best*' if is_best else ''} ({record['time_s']:.1f}s)")
         state.update(stage=stage, epoch=epoch, best_key=best_key, optimizer=optimizer.state_dict(),
-                     scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), replay_rng=replay_rng.get_state())
+                     scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), replay_rng=replay_rng.get_state(),
+                     weight_average=None if weight_average is None else weight_average.state_dict())
         save_atomic({**state, "model": model.state_dict(), "args": vars(args)}, out_dir / "last.pt")
         state["epochs_this_run"] = state.get("epochs_this_run", 0) + 1
         if args.stop_after_epochs and state["epochs_this_run"] >= args.stop_after_epochs:
@@ -605,9 +631,10 @@ def resume_state(out_dir, model, args):
     if state["args"]["backbone"] != args.backbone or sizes != args.img_sizes:
         raise ValueError(f"--resume: {path} was trained with backbone {state['args']['backbone']} and "
                          f"{describe_sizes(sizes)}; pass the same flags")
-    schedule = state["args"].get("lr_schedule", "plateau")  # checkpoints before the flag: plateau
-    if schedule != args.lr_schedule:
-        raise ValueError(f"--resume: {path} was trained with --lr_schedule {schedule}; pass the same flag")
+    for flag, before_the_flag in (("lr_schedule", "plateau"), ("ema_decay", 0.0)):  # what older runs did
+        saved = state["args"].get(flag, before_the_flag)
+        if saved != getattr(args, flag):
+            raise ValueError(f"--resume: {path} was trained with --{flag} {saved}; pass the same flag")
     model.load_state_dict(state.pop("model"))
     state.pop("args")
     state.pop("epochs_this_run", None)  # counts this invocation's epochs only (--stop_after_epochs)

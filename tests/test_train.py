@@ -168,19 +168,21 @@ def test_a_step_backpropagates_each_task_and_equals_the_summed_loss_step():
         assert torch.allclose(after.float(), twin_after.float(), atol=1e-6), name
 
 
-def test_resume_after_an_interruption_gives_the_same_outputs(demo_root, tmp_path):
-    # --select_window 2: the recent scores it averages must survive the interruption too
+@pytest.mark.parametrize("extra", [[], ["--ema_decay", "0.9"]], ids=["raw_weights", "weight_average"])
+def test_resume_after_an_interruption_gives_the_same_outputs(demo_root, tmp_path, extra):
+    # --select_window 2: the recent scores it averages must survive the interruption too (and so
+    # must the weight average)
+    flags = ["--epochs_det", "2", "--select_window", "2", *extra]
     straight = tmp_path / "straight"
-    run_train(demo_root, straight, "--epochs_det", "2", "--select_window", "2")
+    run_train(demo_root, straight, *flags)
     resumed = tmp_path / "resumed"
     with pytest.raises(SystemExit):   # killed after stage 1 and one detection epoch
-        run_train(demo_root, resumed, "--epochs_det", "2", "--select_window", "2", "--stop_after_epochs", "2")
+        run_train(demo_root, resumed, *flags, "--stop_after_epochs", "2")
     assert (resumed / "model_s1_best.pt").exists() and not (resumed / "model_final_best_1pass.pt").exists()
     with pytest.raises(SystemExit):   # killed again: a resumed run counts only its own epochs
-        run_train(demo_root, resumed, "--epochs_det", "2", "--select_window", "2", "--resume",
-                  "--stop_after_epochs", "1")
+        run_train(demo_root, resumed, *flags, "--resume", "--stop_after_epochs", "1")
     assert len((resumed / "training_log.jsonl").read_text().splitlines()) == 3
-    run_train(demo_root, resumed, "--epochs_det", "2", "--select_window", "2", "--resume")
+    run_train(demo_root, resumed, *flags, "--resume")
     a = torch.load(straight / "model_final_best_1pass.pt", weights_only=False)
     b = torch.load(resumed / "model_final_best_1pass.pt", weights_only=False)
     assert a["baselines"] == b["baselines"] and a["metrics"] == b["metrics"]
@@ -227,7 +229,7 @@ def test_start_from_a_stage_checkpoint_runs_only_the_later_stages(tiny_run, demo
                                    ["--lr_factor", "3", "neck", "fast"], ["--lr_factor", "3", "neck", "-1"],
                                    ["--select_window", "0"], ["--label_smoothing", "1"],
                                    ["--label_smoothing", "-0.1"], ["--backbone_similarity", "-1"],
-                                   ["--backbone_similarity", "nan"]])
+                                   ["--backbone_similarity", "nan"], ["--ema_decay", "1"], ["--ema_decay", "-0.1"]])
 def test_bad_flags_are_rejected(flags, capsys):
     with pytest.raises(SystemExit) as exit_info:
         train.parse_args(flags)
@@ -298,12 +300,48 @@ def test_cosine_schedule_restarts_in_every_stage(demo_root, tmp_path):
     assert [r["lr"] for r in records if r["task"] == "cls"] == [pytest.approx(1e-3)]
 
 
-def test_resume_with_another_lr_schedule_is_a_clear_error(demo_root, tmp_path):
+@pytest.mark.parametrize("flag, value, saved", [("--lr_schedule", "cosine", "plateau"), ("--ema_decay", "0.9", "0.0")])
+def test_resume_with_another_lr_schedule_or_weight_average_is_a_clear_error(demo_root, tmp_path, flag, value, saved):
     with pytest.raises(SystemExit):
         run_train(demo_root, tmp_path, "--stop_after_epochs", "1")
     with pytest.raises(SystemExit) as exit_info:
-        run_train(demo_root, tmp_path, "--resume", "--lr_schedule", "cosine")
-    assert "--lr_schedule plateau" in str(exit_info.value)
+        run_train(demo_root, tmp_path, "--resume", flag, value)
+    assert f"{flag} {saved}" in str(exit_info.value)
+
+
+def test_weight_average_is_an_exponential_moving_average_of_the_weights():
+    assert train.make_weight_average(torch.nn.Linear(2, 1), 0.0) is None
+    model = torch.nn.Linear(2, 1)
+    average = train.make_weight_average(model, 0.9)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    average.update_parameters(model)  # the first update copies the weights
+    assert torch.equal(average.module.weight, model.weight)
+    expected = 1.0
+    for value in [3.0, 5.0, 7.0]:
+        with torch.no_grad():
+            model.weight.fill_(value)
+        average.update_parameters(model)
+        expected = 0.9 * expected + 0.1 * value
+        assert torch.allclose(average.module.weight, torch.full_like(model.weight, expected))
+
+
+def test_the_weight_average_is_what_is_validated_kept_and_passed_on(demo_root, tmp_path):
+    run_train(demo_root, tmp_path, "--ema_decay", "0.9")
+    last = torch.load(tmp_path / "last.pt", weights_only=False)  # after stage 3's only epoch
+    final = torch.load(tmp_path / "model_final_best_1pass.pt", weights_only=False)["model"]
+    averaged = {k.removeprefix("module."): v for k, v in last["weight_average"].items() if k != "n_averaged"}
+    name = "cls_head.weight"
+    assert torch.equal(final[name], averaged[name]) and not torch.equal(final[name], last["model"][name])
+    assert all(torch.equal(final[k], averaged[k]) for k in final)
+    log = [json.loads(line) for line in (tmp_path / "training_log.jsonl").read_text().splitlines()]
+    assert log[-1]["top1"] == pytest.approx(final_score(tmp_path, demo_root))
+
+
+def final_score(out_dir, demo_root):
+    report = eval_script.main(["--weights", str(out_dir / "model_final_best_1pass.pt"), "--data_root",
+                               str(demo_root), "--tasks", "cls"])
+    return report["metrics"]["top1"]
 
 
 def test_selection_prefers_kept_epochs_then_the_smoothed_own_metric():
