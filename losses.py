@@ -1,7 +1,6 @@
 """Task losses and the LwF distillation losses, one place for each.
 
-    task_loss(task, outputs, targets)            the primary task's supervised loss (for cls
-                                                 optionally with the backbone-similarity term)
+    task_loss(task, outputs, targets)            the primary task's supervised loss
     distillation_loss(task, student, teacher)    what keeps an earlier task alive on its
                                                  replay images (seg KL, det MSE + feature
                                                  MSE, cls KL); zero when student == teacher
@@ -15,8 +14,7 @@ from detection import detection_loss
 def task_loss(task, outputs, targets, options=None):
     """Returns (loss, parts): parts maps names to detached scalars for the log.
     options: the task's loss settings: for det the keyword arguments of detection_loss
-    (assignment mode, objectness target), for cls {"label_smoothing": eps,
-    "backbone_similarity": weight of backbone_similarity_loss (0: off)}."""
+    (assignment mode, objectness target), for cls {"label_smoothing": eps}."""
     options = options or {}
     if task == "seg":
         loss = F.cross_entropy(outputs["seg"].float(), targets.long(), ignore_index=VOID)
@@ -26,33 +24,8 @@ def task_loss(task, outputs, targets, options=None):
         return loss, {"det": loss.detach(), **parts}
     if task == "cls":
         loss = F.cross_entropy(outputs["cls"].float(), targets, label_smoothing=options.get("label_smoothing", 0.0))
-        parts = {"cls": loss.detach()}
-        weight = options.get("backbone_similarity", 0.0)
-        if weight > 0:
-            similarity = weight * backbone_similarity_loss(outputs)
-            loss = loss + similarity
-            parts["cls_similarity"] = similarity.detach()
-        return loss, parts
+        return loss, {"cls": loss.detach()}
     raise ValueError(f"unknown task {task!r}")
-
-
-def similarity_matrix(features):
-    """(N, D) -> (N, N) cosine similarities of the batch's mean-centred feature vectors."""
-    centred = features.float() - features.float().mean(0, keepdim=True)
-    unit = F.normalize(centred, dim=1)
-    return unit @ unit.T
-
-
-def backbone_similarity_loss(outputs):
-    """Similarity-preserving distillation (Tung & Mori, 2019) from the backbone to the shared head:
-    the images of a batch should be as alike in the pooled last shared feature map (what the cls
-    head reads) as they are in the pooled backbone output. The backbone's ImageNet features
-    separate new classes that the shared layers, shaped by earlier tasks, do not; matching
-    their geometry is a target with far more signal per image than one label. The backbone side
-    is a fixed target (detached), so only the shared layers move."""
-    student = outputs["feat"].mean(dim=(2, 3))
-    teacher = outputs["backbone_pooled"].detach()
-    return F.mse_loss(similarity_matrix(student), similarity_matrix(teacher))
 
 
 def kl_with_temperature(student_logits, teacher_logits, temperature, dim=1):

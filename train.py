@@ -124,9 +124,6 @@ def build_parser(description=__doc__.split("\n\n")[0]):
                    help="objectness target of a positive cell: 1, or the IoU of its own box (YOLOv5-style)")
     p.add_argument("--label_smoothing", type=float, default=0.0, metavar="EPS",
                    help="classification loss: cross-entropy with this label smoothing (0: none)")
-    p.add_argument("--backbone_similarity", type=float, default=0.0, metavar="W",
-                   help="classification loss: + W x the similarity-preserving distillation from the pooled "
-                        "backbone output to the pooled last shared features (0: off; losses.py)")
     p.add_argument("--seg_scale_jitter", type=scale_range, default="off", metavar="MIN,MAX",
                    help="segmentation training: random zoom between MIN and MAX with a small shift; 'off' disables it")
     p.add_argument("--det_scale_jitter", type=scale_range, default="0.5,1.5", metavar="MIN,MAX",
@@ -173,8 +170,6 @@ def parse_args(argv=None, parser=None):
         p.error(f"--label_smoothing must be in [0, 1), got {args.label_smoothing}")
     if not 0 <= args.ema_decay < 1:
         p.error(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
-    if not (args.backbone_similarity >= 0 and math.isfinite(args.backbone_similarity)):
-        p.error(f"--backbone_similarity must be a finite number >= 0, got {args.backbone_similarity}")
     args.lr_factors = {stage: dict(table) for stage, table in LR_FACTORS.items()}
     for stage, module, value in args.lr_factor:
         if stage not in map(str, LR_FACTORS) or module not in MODULES:
@@ -377,7 +372,7 @@ def train_one_epoch(model, batches, replay_banks, optimizer, scaler, args, devic
     weights = {"seg": args.distill_weight_seg, "det_logits": args.distill_weight_det_logits,
                "det_feature": args.distill_weight_det_feature, "cls": args.distill_weight_cls}
     loss_options = {"seg": {}, "det": {"mode": args.det_assign, "objectness": args.det_objectness},
-                    "cls": {"label_smoothing": args.label_smoothing, "backbone_similarity": args.backbone_similarity}}
+                    "cls": {"label_smoothing": args.label_smoothing}}
     autocast = functools.partial(torch.autocast, device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     sums, steps = {}, 0
     for step_batches in batches:

@@ -9,7 +9,7 @@ from torchvision.transforms import v2
 
 import eval as eval_script
 import train
-from losses import backbone_similarity_loss, distillation_loss, similarity_matrix, task_loss
+from losses import distillation_loss, task_loss
 from models import UnifiedMultiTaskModel
 
 TINY = ["--backbone", "efficientnet_lite0", "--no-pretrained", "--img_size", "64", "--batch_size", "4",
@@ -115,35 +115,6 @@ def test_label_smoothing_moves_the_classification_target_off_one_hot():
     assert smoothed.item() == pytest.approx(expected.item(), rel=1e-5) and smoothed > plain
 
 
-def test_backbone_similarity_loss_is_zero_exactly_when_the_batch_geometry_matches():
-    torch.manual_seed(0)
-    pooled = torch.rand(6, 256)
-    # the backbone side: the same vectors scaled, shifted and padded to 1280 dims (same centred cosines)
-    same_geometry = torch.cat([3.0 * pooled + 1.0, torch.zeros(6, 1024)], 1)
-    outputs = {"feat": pooled[:, :, None, None].expand(6, 256, 2, 2), "backbone_pooled": same_geometry}
-    assert backbone_similarity_loss(outputs).item() == pytest.approx(0.0, abs=1e-6)
-    assert torch.allclose(similarity_matrix(pooled).diagonal(), torch.ones(6))
-    outputs["backbone_pooled"] = torch.rand(6, 1280)
-    assert backbone_similarity_loss(outputs).item() > 1e-3
-
-
-def test_backbone_similarity_moves_the_shared_layers_not_the_backbone():
-    torch.manual_seed(0)
-    model = UnifiedMultiTaskModel("efficientnet_lite0", pretrained=False)
-    outputs = model(torch.rand(4, 3, 64, 64))
-    labels = torch.tensor([0, 1, 2, 3])
-    plain, plain_parts = task_loss("cls", outputs, labels)
-    loss, parts = task_loss("cls", outputs, labels, {"backbone_similarity": 2.0})
-    assert "cls_similarity" not in plain_parts
-    assert loss.item() == pytest.approx(plain.item() + 2.0 * backbone_similarity_loss(outputs).item(), rel=1e-5)
-    assert parts["cls_similarity"].item() == pytest.approx(2.0 * backbone_similarity_loss(outputs).item(), rel=1e-5)
-    outputs["backbone_pooled"].retain_grad()
-    backbone_similarity_loss(outputs).backward()
-    assert outputs["backbone_pooled"].grad is None, "the backbone side is a fixed target"
-    assert all(p.grad is None for p in model.cls_head.parameters()), "the head plays no part in the geometry"
-    assert model.shared_conv3[0].weight.grad.abs().sum() > 0 and model.neck[0][0].weight.grad.abs().sum() > 0
-
-
 def test_a_step_backpropagates_each_task_and_equals_the_summed_loss_step():
     """train_one_epoch backpropagates one task at a time; the step must be the summed loss's."""
     torch.manual_seed(0)
@@ -228,8 +199,7 @@ def test_start_from_a_stage_checkpoint_runs_only_the_later_stages(tiny_run, demo
                                    ["--lr_factor", "4", "neck", "0.1"], ["--lr_factor", "3", "head", "0.1"],
                                    ["--lr_factor", "3", "neck", "fast"], ["--lr_factor", "3", "neck", "-1"],
                                    ["--select_window", "0"], ["--label_smoothing", "1"],
-                                   ["--label_smoothing", "-0.1"], ["--backbone_similarity", "-1"],
-                                   ["--backbone_similarity", "nan"], ["--ema_decay", "1"], ["--ema_decay", "-0.1"]])
+                                   ["--label_smoothing", "-0.1"], ["--ema_decay", "1"], ["--ema_decay", "-0.1"]])
 def test_bad_flags_are_rejected(flags, capsys):
     with pytest.raises(SystemExit) as exit_info:
         train.parse_args(flags)
