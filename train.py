@@ -35,7 +35,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from datasets import TASK_NAMES, TASKS, DataError, build_dataset, make_loader, train_augmentation
-from losses import distillation_loss, task_loss
+from losses import distillation_loss, new_image_seg_distillation, task_loss
 from metrics import MAX_DROP_PERCENT, PRIMARY_METRIC, drop_percent, evaluate
 from models import BACKBONES, PretrainedWeightsError, UnifiedMultiTaskModel, count_trainable_parameters, pick_device
 from replay import ReplayBank
@@ -118,6 +118,12 @@ def build_parser(description=__doc__.split("\n\n")[0]):
     p.add_argument("--distill_weight_det_feature", type=float, default=DISTILL_WEIGHTS["det_feature"])
     p.add_argument("--distill_weight_cls", type=float, default=DISTILL_WEIGHTS["cls"])
     p.add_argument("--distill_temp", type=float, default=2.0)
+    p.add_argument("--distill_seg_new_images", type=float, default=0.0, metavar="W",
+                   help="stages 2-3: also distil segmentation on the new task's own training images (the "
+                        "teacher's stride-16 logits, KL at --distill_temp) with weight W (0: off)")
+    p.add_argument("--distill_seg_new_confidence", type=float, default=0.0, metavar="P",
+                   help="with --distill_seg_new_images: only the pixels where the teacher's top class has "
+                        "probability >= P")
     p.add_argument("--det_assign", default="region", choices=("region", "center"),
                    help="detection target assignment: region (FCOS-style) or center (reference-style ablation)")
     p.add_argument("--det_objectness", default="binary", choices=("binary", "iou"),
@@ -168,6 +174,10 @@ def parse_args(argv=None, parser=None):
             p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if not 0 <= args.label_smoothing < 1:
         p.error(f"--label_smoothing must be in [0, 1), got {args.label_smoothing}")
+    if args.distill_seg_new_images < 0:
+        p.error(f"--distill_seg_new_images must be >= 0, got {args.distill_seg_new_images}")
+    if not 0 <= args.distill_seg_new_confidence < 1:
+        p.error(f"--distill_seg_new_confidence must be in [0, 1), got {args.distill_seg_new_confidence}")
     if not 0 <= args.ema_decay < 1:
         p.error(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
     args.lr_factors = {stage: dict(table) for stage, table in LR_FACTORS.items()}
@@ -359,11 +369,13 @@ def setup_logging(out_dir):
 
 
 # ----------------------------------------------------------------------------- one stage
-def train_one_epoch(model, batches, replay_banks, optimizer, scaler, args, device, amp_dtype, weight_average=None):
+def train_one_epoch(model, batches, replay_banks, optimizer, scaler, args, device, amp_dtype, weight_average=None,
+                    teacher=None):
     """One optimiser step per item of `batches`, a dict {task: (images, targets, indices)}: the
     primary task's batch in a sequential stage (plus one replay batch per earlier task), one
     batch of every task in joint training. `weight_average` (make_weight_average) is updated
-    after every step.
+    after every step. `teacher` (the previous stage's frozen model, with
+    --distill_seg_new_images) distils segmentation on the primary batches' images too.
 
     Each loss is backpropagated as soon as it is computed and the gradients add up before the
     step: the same step as one backward of the summed loss, but only one task's graph is held
@@ -382,6 +394,13 @@ def train_one_epoch(model, batches, replay_banks, optimizer, scaler, args, devic
             with autocast():
                 outputs = model(model.prepare_input(images))
                 loss, loss_parts = task_loss(task, outputs, move_targets(targets, device), loss_options[task])
+                if teacher is not None and args.distill_seg_new_images > 0:
+                    with torch.no_grad():
+                        teacher_outputs = teacher(model.prepare_input(images))
+                    seg_loss, seg_parts = new_image_seg_distillation(
+                        outputs, teacher_outputs, args.distill_seg_new_images, args.distill_temp,
+                        args.distill_seg_new_confidence)
+                    loss, loss_parts = loss + seg_loss, {**loss_parts, **seg_parts}
             scaler.scale(loss).backward()
             total = total + loss.detach()
             parts.update(loss_parts)
@@ -458,7 +477,7 @@ def run_stage(stage, primary, model, data, state, args, device, log):
     weight_average = make_weight_average(model, args.ema_decay)
     scored = model if weight_average is None else weight_average.module  # validated, kept, passed on
 
-    replay_banks, replay_rng = {}, torch.Generator().manual_seed(args.seed + stage)
+    replay_banks, replay_rng, teacher = {}, torch.Generator().manual_seed(args.seed + stage), None
     if learned:  # the model as the previous stage left it (its kept checkpoint), frozen
         teacher = copy.deepcopy(model).eval().requires_grad_(False)
         previous = torch.load(out_dir / CHECKPOINT_NAMES[stage - 1], map_location="cpu", weights_only=False)
@@ -488,7 +507,7 @@ def run_stage(stage, primary, model, data, state, args, device, log):
         batches = ({primary: batch} for batch in tqdm(loader, desc=f"s{stage} {primary} {epoch}/{epochs}",
                                                       leave=False, disable=None))
         losses = train_one_epoch(model, batches, replay_banks, optimizer, scaler, args, device, amp_dtype,
-                                 weight_average)
+                                 weight_average, teacher if "seg" in learned else None)
         metrics = validate(scored, data["val"], seen, args)
         own = metrics[PRIMARY_METRIC[primary]]
         head_lr = next((g["lr"] for g in optimizer.param_groups if g["name"] == f"{primary}_head"), 0.0)

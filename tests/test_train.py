@@ -9,7 +9,7 @@ from torchvision.transforms import v2
 
 import eval as eval_script
 import train
-from losses import distillation_loss, task_loss
+from losses import distillation_loss, new_image_seg_distillation, task_loss
 from models import UnifiedMultiTaskModel
 
 TINY = ["--backbone", "efficientnet_lite0", "--no-pretrained", "--img_size", "64", "--batch_size", "4",
@@ -104,6 +104,56 @@ def test_distillation_is_zero_when_student_equals_teacher(task):
     assert distillation_loss(task, other, outputs, weights, temperature=2.0)[0].item() > 1e-3
 
 
+def test_segmentation_on_new_images_is_distilled_only_where_the_teacher_is_confident():
+    teacher = torch.zeros(1, 21, 2, 2)   # a flat distribution (p = 1/21) at three pixels...
+    teacher[0, 5, 0, 0] = 10.0           # ...and a confident one (class 5, p > 0.99) at (0, 0)
+    unsure_changed = teacher.clone()
+    unsure_changed[0, 3, 1, 1] = 4.0
+    confident_changed = teacher.clone()
+    confident_changed[0, 5, 0, 0] = 0.0
+
+    def loss(student, min_confidence):
+        return new_image_seg_distillation({"seg_coarse": student}, {"seg_coarse": teacher}, 4.0, 2.0,
+                                          min_confidence)[0].item()
+
+    assert loss(teacher, 0.0) == pytest.approx(0.0, abs=1e-6)
+    assert loss(unsure_changed, 0.0) > 1e-3, "every pixel counts at confidence 0"
+    assert loss(unsure_changed, 0.5) == pytest.approx(0.0, abs=1e-6), "an unsure pixel does not pull"
+    assert loss(confident_changed, 0.5) > 1e-3
+    assert loss(confident_changed, 0.999999) == 0.0, "no confident pixel: zero, not NaN"
+    # Averaged over the confident pixels only: one of one counts fully, not as a quarter.
+    whole = new_image_seg_distillation({"seg_coarse": confident_changed[..., :1, :1]},
+                                       {"seg_coarse": teacher[..., :1, :1]}, 4.0, 2.0, 0.0)[0].item()
+    assert loss(confident_changed, 0.5) == pytest.approx(whole, rel=1e-5)
+
+
+def test_a_step_with_a_teacher_distils_segmentation_on_the_primary_images():
+    torch.manual_seed(0)
+    model = UnifiedMultiTaskModel("efficientnet_lite0", pretrained=False)
+    teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    with torch.no_grad():
+        teacher.seg_head.bias.add_(torch.linspace(-3, 3, 21))  # the teacher now disagrees
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    batch = {"cls": (images, torch.tensor([1, 7]), None)}
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    device = torch.device("cpu")
+
+    def step(flags, with_teacher=True):
+        student = copy.deepcopy(model)
+        optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
+        losses = train.train_one_epoch(student, [batch], {}, optimizer, scaler, train.parse_args(flags), device,
+                                       None, teacher=teacher if with_teacher else None)
+        return losses, student
+
+    off, _ = step([])
+    assert "distill_seg_new" not in off, "off by default"
+    on, student = step(["--distill_seg_new_images", "4"])
+    assert on["distill_seg_new"] > 1e-3 and on["total"] == pytest.approx(off["total"] + on["distill_seg_new"],
+                                                                          rel=1e-4)
+    assert not torch.equal(student.seg_head.bias, model.seg_head.bias), "the seg head is pulled"
+    assert "distill_seg_new" not in step(["--distill_seg_new_images", "4"], with_teacher=False)[0]
+
+
 def test_label_smoothing_moves_the_classification_target_off_one_hot():
     logits = torch.tensor([[8.0, 0.0, 0.0], [0.0, 8.0, 0.0]])
     labels = torch.tensor([0, 1])
@@ -186,9 +236,11 @@ def test_a_nan_loss_stops_cleanly_and_keeps_earlier_checkpoints(demo_root, tmp_p
 
 def test_start_from_a_stage_checkpoint_runs_only_the_later_stages(tiny_run, demo_root, tmp_path):
     out_dir, baselines = tiny_run
-    run_train(demo_root, tmp_path, "--start_from", str(out_dir / "model_s1_best.pt"))
+    run_train(demo_root, tmp_path, "--start_from", str(out_dir / "model_s1_best.pt"),
+              "--distill_seg_new_images", "4", "--distill_seg_new_confidence", "0.5")
     records = [json.loads(line) for line in (tmp_path / "training_log.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in records] == [2, 3]
+    assert all("distill_seg_new" in r["losses"] for r in records), "segmentation distilled on det and cls images"
     final = torch.load(tmp_path / "model_final_best_1pass.pt", weights_only=False)
     assert final["baselines"]["mIoU"] == baselines["mIoU"], "the stage-1 baseline carries over"
 
@@ -199,7 +251,8 @@ def test_start_from_a_stage_checkpoint_runs_only_the_later_stages(tiny_run, demo
                                    ["--lr_factor", "4", "neck", "0.1"], ["--lr_factor", "3", "head", "0.1"],
                                    ["--lr_factor", "3", "neck", "fast"], ["--lr_factor", "3", "neck", "-1"],
                                    ["--select_window", "0"], ["--label_smoothing", "1"],
-                                   ["--label_smoothing", "-0.1"], ["--ema_decay", "1"], ["--ema_decay", "-0.1"]])
+                                   ["--label_smoothing", "-0.1"], ["--ema_decay", "1"], ["--ema_decay", "-0.1"],
+                                   ["--distill_seg_new_images", "-1"], ["--distill_seg_new_confidence", "1"]])
 def test_bad_flags_are_rejected(flags, capsys):
     with pytest.raises(SystemExit) as exit_info:
         train.parse_args(flags)
