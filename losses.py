@@ -28,26 +28,12 @@ def task_loss(task, outputs, targets, options=None):
     raise ValueError(f"unknown task {task!r}")
 
 
-def kl_with_temperature(student_logits, teacher_logits, temperature, dim=1, mask=None):
-    """Hinton's soft-target KL, scaled by T^2 so its gradient size does not depend on T;
-    averaged over the positions where `mask` (optional, bool, the shape without `dim`) is set."""
+def kl_with_temperature(student_logits, teacher_logits, temperature, dim=1):
+    """Hinton's soft-target KL, scaled by T^2 so its gradient size does not depend on T."""
     log_p_student = F.log_softmax(student_logits.float() / temperature, dim=dim)
     log_p_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=dim)
     kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim)
-    if mask is not None:  # sum / count, not kl[mask].mean(): an empty mask gives 0, not NaN
-        kl = (kl * mask).sum() / mask.sum().clamp(min=1)
     return kl.mean() * temperature ** 2
-
-
-def new_image_seg_distillation(student, teacher, weight, temperature, min_confidence):
-    """Segmentation distilled on the new task's own images (detection or classification
-    photos): the teacher's stride-16 logits, only where its top class has probability >=
-    min_confidence, so the pixels it is unsure of on these unlabelled images do not pull.
-    Replay holds segmentation on its 240 training images; this holds it on other photos."""
-    teacher_coarse = teacher["seg_coarse"].float()
-    confident = teacher_coarse.softmax(1).amax(1) >= min_confidence
-    loss = weight * kl_with_temperature(student["seg_coarse"], teacher_coarse, temperature, mask=confident)
-    return loss, {"distill_seg_new": loss.detach()}
 
 
 def distillation_loss(task, student, teacher, weights, temperature):

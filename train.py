@@ -35,7 +35,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from datasets import TASK_NAMES, TASKS, DataError, build_dataset, make_loader, train_augmentation
-from losses import distillation_loss, new_image_seg_distillation, task_loss
+from losses import distillation_loss, task_loss
 from metrics import MAX_DROP_PERCENT, PRIMARY_METRIC, drop_percent, evaluate
 from models import BACKBONES, PretrainedWeightsError, UnifiedMultiTaskModel, count_trainable_parameters, pick_device
 from replay import ReplayBank
@@ -121,9 +121,6 @@ def build_parser(description=__doc__.split("\n\n")[0]):
     p.add_argument("--distill_seg_new_images", type=float, default=0.0, metavar="W",
                    help="stages 2-3: also distil segmentation on the new task's own training images (the "
                         "teacher's stride-16 logits, KL at --distill_temp) with weight W (0: off)")
-    p.add_argument("--distill_seg_new_confidence", type=float, default=0.0, metavar="P",
-                   help="with --distill_seg_new_images: only the pixels where the teacher's top class has "
-                        "probability >= P")
     p.add_argument("--det_assign", default="region", choices=("region", "center"),
                    help="detection target assignment: region (FCOS-style) or center (reference-style ablation)")
     p.add_argument("--det_objectness", default="binary", choices=("binary", "iou"),
@@ -176,8 +173,6 @@ def parse_args(argv=None, parser=None):
         p.error(f"--label_smoothing must be in [0, 1), got {args.label_smoothing}")
     if args.distill_seg_new_images < 0:
         p.error(f"--distill_seg_new_images must be >= 0, got {args.distill_seg_new_images}")
-    if not 0 <= args.distill_seg_new_confidence < 1:
-        p.error(f"--distill_seg_new_confidence must be in [0, 1), got {args.distill_seg_new_confidence}")
     if not 0 <= args.ema_decay < 1:
         p.error(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
     args.lr_factors = {stage: dict(table) for stage, table in LR_FACTORS.items()}
@@ -394,13 +389,12 @@ def train_one_epoch(model, batches, replay_banks, optimizer, scaler, args, devic
             with autocast():
                 outputs = model(model.prepare_input(images))
                 loss, loss_parts = task_loss(task, outputs, move_targets(targets, device), loss_options[task])
-                if teacher is not None and args.distill_seg_new_images > 0:
+                if teacher is not None and args.distill_seg_new_images > 0:  # the replay batches' seg KL
                     with torch.no_grad():
                         teacher_outputs = teacher(model.prepare_input(images))
-                    seg_loss, seg_parts = new_image_seg_distillation(
-                        outputs, teacher_outputs, args.distill_seg_new_images, args.distill_temp,
-                        args.distill_seg_new_confidence)
-                    loss, loss_parts = loss + seg_loss, {**loss_parts, **seg_parts}
+                    seg_loss, _ = distillation_loss("seg", outputs, teacher_outputs,
+                                                    {"seg": args.distill_seg_new_images}, args.distill_temp)
+                    loss, loss_parts = loss + seg_loss, {**loss_parts, "distill_seg_new": seg_loss.detach()}
             scaler.scale(loss).backward()
             total = total + loss.detach()
             parts.update(loss_parts)

@@ -9,7 +9,7 @@ from torchvision.transforms import v2
 
 import eval as eval_script
 import train
-from losses import distillation_loss, new_image_seg_distillation, task_loss
+from losses import distillation_loss, task_loss
 from models import UnifiedMultiTaskModel
 
 TINY = ["--backbone", "efficientnet_lite0", "--no-pretrained", "--img_size", "64", "--batch_size", "4",
@@ -104,29 +104,6 @@ def test_distillation_is_zero_when_student_equals_teacher(task):
     assert distillation_loss(task, other, outputs, weights, temperature=2.0)[0].item() > 1e-3
 
 
-def test_segmentation_on_new_images_is_distilled_only_where_the_teacher_is_confident():
-    teacher = torch.zeros(1, 21, 2, 2)   # a flat distribution (p = 1/21) at three pixels...
-    teacher[0, 5, 0, 0] = 10.0           # ...and a confident one (class 5, p > 0.99) at (0, 0)
-    unsure_changed = teacher.clone()
-    unsure_changed[0, 3, 1, 1] = 4.0
-    confident_changed = teacher.clone()
-    confident_changed[0, 5, 0, 0] = 0.0
-
-    def loss(student, min_confidence):
-        return new_image_seg_distillation({"seg_coarse": student}, {"seg_coarse": teacher}, 4.0, 2.0,
-                                          min_confidence)[0].item()
-
-    assert loss(teacher, 0.0) == pytest.approx(0.0, abs=1e-6)
-    assert loss(unsure_changed, 0.0) > 1e-3, "every pixel counts at confidence 0"
-    assert loss(unsure_changed, 0.5) == pytest.approx(0.0, abs=1e-6), "an unsure pixel does not pull"
-    assert loss(confident_changed, 0.5) > 1e-3
-    assert loss(confident_changed, 0.999999) == 0.0, "no confident pixel: zero, not NaN"
-    # Averaged over the confident pixels only: one of one counts fully, not as a quarter.
-    whole = new_image_seg_distillation({"seg_coarse": confident_changed[..., :1, :1]},
-                                       {"seg_coarse": teacher[..., :1, :1]}, 4.0, 2.0, 0.0)[0].item()
-    assert loss(confident_changed, 0.5) == pytest.approx(whole, rel=1e-5)
-
-
 def test_a_step_with_a_teacher_distils_segmentation_on_the_primary_images():
     torch.manual_seed(0)
     model = UnifiedMultiTaskModel("efficientnet_lite0", pretrained=False)
@@ -150,6 +127,11 @@ def test_a_step_with_a_teacher_distils_segmentation_on_the_primary_images():
     on, student = step(["--distill_seg_new_images", "4"])
     assert on["distill_seg_new"] > 1e-3 and on["total"] == pytest.approx(off["total"] + on["distill_seg_new"],
                                                                           rel=1e-4)
+    # The replay batches' segmentation KL, on the primary images, at weight 4.
+    with torch.no_grad():
+        expected, _ = distillation_loss("seg", copy.deepcopy(model)(model.prepare_input(images)),
+                                        teacher(teacher.prepare_input(images)), {"seg": 4.0}, temperature=2.0)
+    assert on["distill_seg_new"] == pytest.approx(expected.item(), rel=1e-4)
     assert not torch.equal(student.seg_head.bias, model.seg_head.bias), "the seg head is pulled"
     assert "distill_seg_new" not in step(["--distill_seg_new_images", "4"], with_teacher=False)[0]
 
@@ -237,7 +219,7 @@ def test_a_nan_loss_stops_cleanly_and_keeps_earlier_checkpoints(demo_root, tmp_p
 def test_start_from_a_stage_checkpoint_runs_only_the_later_stages(tiny_run, demo_root, tmp_path):
     out_dir, baselines = tiny_run
     run_train(demo_root, tmp_path, "--start_from", str(out_dir / "model_s1_best.pt"),
-              "--distill_seg_new_images", "4", "--distill_seg_new_confidence", "0.5")
+              "--distill_seg_new_images", "4")
     records = [json.loads(line) for line in (tmp_path / "training_log.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in records] == [2, 3]
     assert all("distill_seg_new" in r["losses"] for r in records), "segmentation distilled on det and cls images"
@@ -252,7 +234,7 @@ def test_start_from_a_stage_checkpoint_runs_only_the_later_stages(tiny_run, demo
                                    ["--lr_factor", "3", "neck", "fast"], ["--lr_factor", "3", "neck", "-1"],
                                    ["--select_window", "0"], ["--label_smoothing", "1"],
                                    ["--label_smoothing", "-0.1"], ["--ema_decay", "1"], ["--ema_decay", "-0.1"],
-                                   ["--distill_seg_new_images", "-1"], ["--distill_seg_new_confidence", "1"]])
+                                   ["--distill_seg_new_images", "-1"]])
 def test_bad_flags_are_rejected(flags, capsys):
     with pytest.raises(SystemExit) as exit_info:
         train.parse_args(flags)
