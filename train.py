@@ -2,7 +2,8 @@
 
 Each stage trains one primary task. From stage 2 on, a frozen copy of the model after the
 previous stage is the teacher, and replay batches from the earlier tasks' training sets
-are distilled (LwF): seg KL, det output + shared-feature MSE, cls KL. Layers shared with
+are distilled (LwF): seg KL, det output + shared-feature MSE, cls KL (and, with
+--distill_seg_new_images, seg KL on the new task's own images too). Layers shared with
 earlier tasks learn slowly (a factor table of learning rates) and keep their BatchNorm
 statistics frozen, so old tasks are not quietly re-normalised.
 
