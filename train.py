@@ -119,9 +119,10 @@ def build_parser(description=__doc__.split("\n\n")[0]):
     p.add_argument("--distill_weight_det_feature", type=float, default=DISTILL_WEIGHTS["det_feature"])
     p.add_argument("--distill_weight_cls", type=float, default=DISTILL_WEIGHTS["cls"])
     p.add_argument("--distill_temp", type=float, default=2.0)
-    p.add_argument("--distill_seg_new_images", type=float, default=0.0, metavar="W",
+    p.add_argument("--distill_seg_new_images", type=float, nargs="+", default=[0.0], metavar="W",
                    help="stages 2-3: also distil segmentation on the new task's own training images (the "
-                        "teacher's stride-16 logits, KL at --distill_temp) with weight W (0: off)")
+                        "teacher's stride-16 logits, KL at --distill_temp) with weight W (0: off); two values "
+                        "give stage 2 and stage 3 their own weights, e.g. 4 1")
     p.add_argument("--det_assign", default="region", choices=("region", "center"),
                    help="detection target assignment: region (FCOS-style) or center (reference-style ablation)")
     p.add_argument("--det_objectness", default="binary", choices=("binary", "iou"),
@@ -172,8 +173,11 @@ def parse_args(argv=None, parser=None):
             p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if not 0 <= args.label_smoothing < 1:
         p.error(f"--label_smoothing must be in [0, 1), got {args.label_smoothing}")
-    if args.distill_seg_new_images < 0:
-        p.error(f"--distill_seg_new_images must be >= 0, got {args.distill_seg_new_images}")
+    weights = args.distill_seg_new_images
+    if len(weights) > 2 or min(weights) < 0:
+        p.error(f"--distill_seg_new_images: expected one or two weights >= 0 (stages 2 and 3), got "
+                f"{' '.join(map(str, weights))}")
+    args.distill_seg_new_images = {2: weights[0], 3: weights[-1]}  # stage -> weight
     if not 0 <= args.ema_decay < 1:
         p.error(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
     args.lr_factors = {stage: dict(table) for stage, table in LR_FACTORS.items()}
@@ -366,12 +370,12 @@ def setup_logging(out_dir):
 
 # ----------------------------------------------------------------------------- one stage
 def train_one_epoch(model, batches, replay_banks, optimizer, scaler, args, device, amp_dtype, weight_average=None,
-                    teacher=None):
+                    teacher=None, seg_new_images_weight=0.0):
     """One optimiser step per item of `batches`, a dict {task: (images, targets, indices)}: the
     primary task's batch in a sequential stage (plus one replay batch per earlier task), one
     batch of every task in joint training. `weight_average` (make_weight_average) is updated
-    after every step. `teacher` (the previous stage's frozen model, with
-    --distill_seg_new_images) distils segmentation on the primary batches' images too.
+    after every step. With a `teacher` (the previous stage's frozen model) and a
+    `seg_new_images_weight` > 0, segmentation is distilled on the primary batches' images too.
 
     Each loss is backpropagated as soon as it is computed and the gradients add up before the
     step: the same step as one backward of the summed loss, but only one task's graph is held
@@ -390,11 +394,11 @@ def train_one_epoch(model, batches, replay_banks, optimizer, scaler, args, devic
             with autocast():
                 outputs = model(model.prepare_input(images))
                 loss, loss_parts = task_loss(task, outputs, move_targets(targets, device), loss_options[task])
-                if teacher is not None and args.distill_seg_new_images > 0:  # the replay batches' seg KL
+                if teacher is not None and seg_new_images_weight > 0:  # the replay batches' seg KL
                     with torch.no_grad():
                         teacher_outputs = teacher(model.prepare_input(images))
                     seg_loss, _ = distillation_loss("seg", outputs, teacher_outputs,
-                                                    {"seg": args.distill_seg_new_images}, args.distill_temp)
+                                                    {"seg": seg_new_images_weight}, args.distill_temp)
                     loss, loss_parts = loss + seg_loss, {**loss_parts, "distill_seg_new": seg_loss.detach()}
             scaler.scale(loss).backward()
             total = total + loss.detach()
@@ -501,8 +505,9 @@ def run_stage(stage, primary, model, data, state, args, device, log):
                              pin_memory=device.type == "cuda", seed=args.seed + 1000 * stage + epoch)
         batches = ({primary: batch} for batch in tqdm(loader, desc=f"s{stage} {primary} {epoch}/{epochs}",
                                                       leave=False, disable=None))
+        seg_new_images_weight = args.distill_seg_new_images[stage] if "seg" in learned else 0.0
         losses = train_one_epoch(model, batches, replay_banks, optimizer, scaler, args, device, amp_dtype,
-                                 weight_average, teacher if "seg" in learned else None)
+                                 weight_average, teacher, seg_new_images_weight)
         metrics = validate(scored, data["val"], seen, args)
         own = metrics[PRIMARY_METRIC[primary]]
         head_lr = next((g["lr"] for g in optimizer.param_groups if g["name"] == f"{primary}_head"), 0.0)

@@ -115,16 +115,16 @@ def test_a_step_with_a_teacher_distils_segmentation_on_the_primary_images():
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     device = torch.device("cpu")
 
-    def step(flags, with_teacher=True):
+    def step(weight, with_teacher=True):
         student = copy.deepcopy(model)
         optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
-        losses = train.train_one_epoch(student, [batch], {}, optimizer, scaler, train.parse_args(flags), device,
-                                       None, teacher=teacher if with_teacher else None)
+        losses = train.train_one_epoch(student, [batch], {}, optimizer, scaler, train.parse_args([]), device, None,
+                                       teacher=teacher if with_teacher else None, seg_new_images_weight=weight)
         return losses, student
 
-    off, _ = step([])
-    assert "distill_seg_new" not in off, "off by default"
-    on, student = step(["--distill_seg_new_images", "4"])
+    off, _ = step(0.0)
+    assert "distill_seg_new" not in off, "weight 0 is off"
+    on, student = step(4.0)
     assert on["distill_seg_new"] > 1e-3 and on["total"] == pytest.approx(off["total"] + on["distill_seg_new"],
                                                                           rel=1e-4)
     # The replay batches' segmentation KL, on the primary images, at weight 4.
@@ -133,7 +133,13 @@ def test_a_step_with_a_teacher_distils_segmentation_on_the_primary_images():
                                         teacher(teacher.prepare_input(images)), {"seg": 4.0}, temperature=2.0)
     assert on["distill_seg_new"] == pytest.approx(expected.item(), rel=1e-4)
     assert not torch.equal(student.seg_head.bias, model.seg_head.bias), "the seg head is pulled"
-    assert "distill_seg_new" not in step(["--distill_seg_new_images", "4"], with_teacher=False)[0]
+    assert "distill_seg_new" not in step(4.0, with_teacher=False)[0]
+
+
+def test_distill_seg_new_images_takes_one_weight_or_one_per_stage():
+    assert train.parse_args([]).distill_seg_new_images == {2: 0.0, 3: 0.0}, "off by default"
+    assert train.parse_args(["--distill_seg_new_images", "4"]).distill_seg_new_images == {2: 4.0, 3: 4.0}
+    assert train.parse_args(["--distill_seg_new_images", "4", "1"]).distill_seg_new_images == {2: 4.0, 3: 1.0}
 
 
 def test_label_smoothing_moves_the_classification_target_off_one_hot():
@@ -219,10 +225,10 @@ def test_a_nan_loss_stops_cleanly_and_keeps_earlier_checkpoints(demo_root, tmp_p
 def test_start_from_a_stage_checkpoint_runs_only_the_later_stages(tiny_run, demo_root, tmp_path):
     out_dir, baselines = tiny_run
     run_train(demo_root, tmp_path, "--start_from", str(out_dir / "model_s1_best.pt"),
-              "--distill_seg_new_images", "4")
+              "--distill_seg_new_images", "4", "0")
     records = [json.loads(line) for line in (tmp_path / "training_log.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in records] == [2, 3]
-    assert all("distill_seg_new" in r["losses"] for r in records), "segmentation distilled on det and cls images"
+    assert ["distill_seg_new" in r["losses"] for r in records] == [True, False], "stage 2 only: weights 4 and 0"
     final = torch.load(tmp_path / "model_final_best_1pass.pt", weights_only=False)
     assert final["baselines"]["mIoU"] == baselines["mIoU"], "the stage-1 baseline carries over"
 
@@ -234,7 +240,8 @@ def test_start_from_a_stage_checkpoint_runs_only_the_later_stages(tiny_run, demo
                                    ["--lr_factor", "3", "neck", "fast"], ["--lr_factor", "3", "neck", "-1"],
                                    ["--select_window", "0"], ["--label_smoothing", "1"],
                                    ["--label_smoothing", "-0.1"], ["--ema_decay", "1"], ["--ema_decay", "-0.1"],
-                                   ["--distill_seg_new_images", "-1"]])
+                                   ["--distill_seg_new_images", "-1"],
+                                   ["--distill_seg_new_images", "4", "1", "1"]])
 def test_bad_flags_are_rejected(flags, capsys):
     with pytest.raises(SystemExit) as exit_info:
         train.parse_args(flags)
