@@ -391,12 +391,13 @@ def train_one_epoch(model, batches, replay_banks, optimizer, scaler, args, devic
         optimizer.zero_grad(set_to_none=True)
         total, parts = 0.0, {}
         for task, (images, targets, _) in step_batches.items():
+            inputs = model.prepare_input(images)
             with autocast():
-                outputs = model(model.prepare_input(images))
+                outputs = model(inputs)
                 loss, loss_parts = task_loss(task, outputs, move_targets(targets, device), loss_options[task])
                 if teacher is not None and seg_new_images_weight > 0:  # the replay batches' seg KL
                     with torch.no_grad():
-                        teacher_outputs = teacher(model.prepare_input(images))
+                        teacher_outputs = teacher(inputs)
                     seg_loss, _ = distillation_loss("seg", outputs, teacher_outputs,
                                                     {"seg": seg_new_images_weight}, args.distill_temp)
                     loss, loss_parts = loss + seg_loss, {**loss_parts, "distill_seg_new": seg_loss.detach()}
@@ -496,6 +497,7 @@ def run_stage(stage, primary, model, data, state, args, device, log):
     else:
         state["recent_scores"] = []
 
+    seg_new_images_weight = args.distill_seg_new_images[stage] if "seg" in learned else 0.0
     log.info(f"stage {stage}: {primary} for {epochs} epochs, lr {base_lr:g}, distilling {learned or 'nothing'}")
     for epoch in range(start_epoch, epochs + 1):
         started = time.time()
@@ -505,7 +507,6 @@ def run_stage(stage, primary, model, data, state, args, device, log):
                              pin_memory=device.type == "cuda", seed=args.seed + 1000 * stage + epoch)
         batches = ({primary: batch} for batch in tqdm(loader, desc=f"s{stage} {primary} {epoch}/{epochs}",
                                                       leave=False, disable=None))
-        seg_new_images_weight = args.distill_seg_new_images[stage] if "seg" in learned else 0.0
         losses = train_one_epoch(model, batches, replay_banks, optimizer, scaler, args, device, amp_dtype,
                                  weight_average, teacher, seg_new_images_weight)
         metrics = validate(scored, data["val"], seen, args)
