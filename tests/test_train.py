@@ -137,7 +137,8 @@ def test_a_step_with_a_teacher_distils_segmentation_on_the_primary_images():
 
 
 def test_distill_seg_new_images_takes_one_weight_or_one_per_stage():
-    assert train.parse_args([]).distill_seg_new_images == {2: 0.0, 3: 0.0}, "off by default"
+    assert train.parse_args([]).distill_seg_new_images == {2: 4.0, 3: 1.0}, "the default: 4 in stage 2, 1 in stage 3"
+    assert train.parse_args(["--distill_seg_new_images", "0"]).distill_seg_new_images == {2: 0.0, 3: 0.0}
     assert train.parse_args(["--distill_seg_new_images", "4"]).distill_seg_new_images == {2: 4.0, 3: 4.0}
     assert train.parse_args(["--distill_seg_new_images", "4", "1"]).distill_seg_new_images == {2: 4.0, 3: 1.0}
 
@@ -177,7 +178,7 @@ def test_a_step_backpropagates_each_task_and_equals_the_summed_loss_step():
         assert torch.allclose(after.float(), twin_after.float(), atol=1e-6), name
 
 
-@pytest.mark.parametrize("extra", [[], ["--ema_decay", "0.9"]], ids=["raw_weights", "weight_average"])
+@pytest.mark.parametrize("extra", [["--ema_decay", "0"], []], ids=["raw_weights", "weight_average"])
 def test_resume_after_an_interruption_gives_the_same_outputs(demo_root, tmp_path, extra):
     # --select_window 2: the recent scores it averages must survive the interruption too (and so
     # must the weight average)
@@ -312,8 +313,9 @@ def test_cosine_schedule_restarts_in_every_stage(demo_root, tmp_path):
     assert [r["lr"] for r in records if r["task"] == "cls"] == [pytest.approx(1e-3)]
 
 
-@pytest.mark.parametrize("flag, value, saved", [("--lr_schedule", "cosine", "plateau"), ("--ema_decay", "0.9", "0.0")])
-def test_resume_with_another_lr_schedule_or_weight_average_is_a_clear_error(demo_root, tmp_path, flag, value, saved):
+@pytest.mark.parametrize("flag, value, saved", [("--lr_schedule", "cosine", "plateau"), ("--ema_decay", "0.9", "0.95"),
+                                               ("--distill_seg_new_images", "2", "4 1")])
+def test_resume_with_another_recipe_flag_is_a_clear_error(demo_root, tmp_path, flag, value, saved):
     with pytest.raises(SystemExit):
         run_train(demo_root, tmp_path, "--stop_after_epochs", "1")
     with pytest.raises(SystemExit) as exit_info:
