@@ -18,9 +18,9 @@ Modes (each one adds a single optimisation to the previous, so the table is an a
 Throughput counts primary-task training images per second of a whole epoch (240 images,
 replay batches and distillation included). Every mode does train.py's default step: the
 weight average (--ema_decay) is updated after every step, and in stages 2-3 the teacher also
-runs on the new task's batch for segmentation's distillation (--distill_seg_new_images). One-time costs (building the image cache,
-precomputing the teacher) are measured separately and, for the speedup, spread over the
-stage's default number of epochs. The last line is `speedup=<x>`: default over baseline,
+runs on the new task's batch for segmentation's distillation (--distill_seg_new_images).
+One-time costs (building the image cache, precomputing the teacher) are measured separately
+and, for the speedup, spread over the stage's default number of epochs. The last line is `speedup=<x>`: default over baseline,
 stage 3 (classification with seg + det replay), the stage with the most replay work.
 """
 import argparse
@@ -92,7 +92,7 @@ def time_stage_epoch(stage, mode, args, device, data_cache):
     amp_dtype = train.autocast_dtype(amp, device)
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
     weight_average = train.make_weight_average(model, train_args.ema_decay)
-    seg_new_images_weight = train_args.distill_seg_new_images[stage] if "seg" in learned else 0.0
+    seg_new_images_weight = train.distill_seg_new_images_weight(train_args, stage, learned)
     started = time.perf_counter()
     banks = {t: ReplayBank(data[t], teacher, torch.Generator().manual_seed(0), precompute=teacher_cache,
                            amp_dtype=amp_dtype) for t in learned}

@@ -431,6 +431,12 @@ def train_one_epoch(model, batches, replay_banks, optimizer, scaler, args, devic
     return losses
 
 
+def distill_seg_new_images_weight(args, stage, learned):
+    """--distill_seg_new_images: the stage's weight of segmentation distilled on the new task's
+    images, 0 while segmentation is not among the tasks learned before the stage."""
+    return args.distill_seg_new_images[stage] if "seg" in learned else 0.0
+
+
 def make_weight_average(model, decay):
     """--ema_decay: an exponential moving average of the weights and BatchNorm statistics
     (torch.optim.swa_utils.AveragedModel), or None when the decay is 0. Each stage starts a new
@@ -500,7 +506,7 @@ def run_stage(stage, primary, model, data, state, args, device, log):
     else:
         state["recent_scores"] = []
 
-    seg_new_images_weight = args.distill_seg_new_images[stage] if "seg" in learned else 0.0
+    seg_new_images_weight = distill_seg_new_images_weight(args, stage, learned)
     log.info(f"stage {stage}: {primary} for {epochs} epochs, lr {base_lr:g}, distilling {learned or 'nothing'}")
     for epoch in range(start_epoch, epochs + 1):
         started = time.time()
