@@ -31,6 +31,21 @@ def test_joint_tasks_flag_rejects_unknown_tasks(capsys):
         assert "--tasks" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags", [["--resume"], ["--demo"], ["--start_from", "model_s1_best.pt"],
+                                   ["--replay_batch_size", "16"], ["--distill_seg_new_images", "0"],
+                                   ["--select_window", "1"], ["--lr_det", "1e-2"], ["--lr_factor", "3", "neck", "0.5"]])
+def test_joint_refuses_train_flags_it_would_ignore(flags, capsys):
+    with pytest.raises(SystemExit):
+        joint.parse_args(flags)
+    assert f"{flags[0]}" in capsys.readouterr().err
+
+
+def test_joint_accepts_the_flags_it_uses():
+    args = joint.parse_args(["--tasks", "det", "--lr_det", "1e-2", "--lr_factor", "1", "neck", "0.5",
+                             "--distill_seg_new_images", "4", "1"])  # the default written out
+    assert args.lr_det == 1e-2 and args.lr_factors[1]["neck"] == 0.5
+
+
 def test_joint_trains_every_head_and_shared_layer():
     model = UnifiedMultiTaskModel("efficientnet_lite0", pretrained=False)
     groups = train.parameter_groups(model, TASKS, [], train.LR_FACTORS[1], base_lr=1e-3)
