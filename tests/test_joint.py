@@ -11,6 +11,10 @@ from datasets import TASKS
 from models import UnifiedMultiTaskModel
 from test_train import TINY, run_train
 
+# train.py's tiny settings without the replay batch size, which joint.py refuses
+_replay_flag = TINY.index("--replay_batch_size")
+JOINT_TINY = TINY[:_replay_flag] + TINY[_replay_flag + 2:]
+
 
 def test_joint_budget_defaults_to_the_sequential_one():
     args = joint.parse_args(["--epochs_seg", "6", "--epochs_det", "9", "--epochs_cls", "3"])
@@ -56,7 +60,7 @@ def test_joint_trains_every_head_and_shared_layer():
 
 @pytest.mark.parametrize("extra", [["--ema_decay", "0"], []], ids=["raw_weights", "weight_average"])
 def test_joint_run_writes_a_checkpoint_eval_scores_the_same(demo_root, tmp_path, capsys, extra):
-    joint.main(["--data_root", str(demo_root), "--out_dir", str(tmp_path), *TINY, "--epochs", "2", *extra])
+    joint.main(["--data_root", str(demo_root), "--out_dir", str(tmp_path), *JOINT_TINY, "--epochs", "2", *extra])
     records = [json.loads(line) for line in (tmp_path / "joint_log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]
     for record in records:
@@ -73,7 +77,7 @@ def test_joint_run_writes_a_checkpoint_eval_scores_the_same(demo_root, tmp_path,
     # A second run into the same folder is refused and leaves the first one's files as they were.
     before = (tmp_path / "joint_log.jsonl").read_bytes()
     with pytest.raises(SystemExit, match="already holds a run"):
-        joint.main(["--data_root", str(demo_root), "--out_dir", str(tmp_path), *TINY, "--epochs", "1"])
+        joint.main(["--data_root", str(demo_root), "--out_dir", str(tmp_path), *JOINT_TINY, "--epochs", "1"])
     assert (tmp_path / "joint_log.jsonl").read_bytes() == before
 
 
@@ -86,7 +90,8 @@ def test_train_refuses_to_overwrite_an_earlier_run(demo_root, tmp_path):
 
 
 def test_single_task_reference_trains_only_that_task(demo_root, tmp_path):
-    joint.main(["--data_root", str(demo_root), "--out_dir", str(tmp_path), *TINY, "--epochs", "1", "--tasks", "det"])
+    joint.main(["--data_root", str(demo_root), "--out_dir", str(tmp_path), *JOINT_TINY, "--epochs", "1",
+                "--tasks", "det"])
     record = json.loads((tmp_path / "joint_log.jsonl").read_text())
     assert record["tasks"] == ["det"] and "mAP_50" in record and "mIoU" not in record and "top1" not in record
     assert {"det", "det_box"} <= set(record["losses"]) and not {"seg", "cls"} & set(record["losses"])
