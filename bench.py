@@ -20,8 +20,9 @@ replay batches and distillation included). Every mode does train.py's default st
 weight average (--ema_decay) is updated after every step, and in stages 2-3 the teacher also
 runs on the new task's batch for segmentation's distillation (--distill_seg_new_images).
 One-time costs (building the image cache, precomputing the teacher) are measured separately
-and, for the speedup, spread over the stage's default number of epochs. The last line is `speedup=<x>`: default over baseline,
-stage 3 (classification with seg + det replay), the stage with the most replay work.
+and, for the speedup, spread over the stage's default number of epochs. The last line is
+`speedup=<x>`: default over baseline, stage 3 (classification with seg + det replay), the
+stage with the most replay work.
 """
 import argparse
 import copy

@@ -41,7 +41,7 @@ def test_joint_tasks_flag_rejects_unknown_tasks(capsys):
 def test_joint_refuses_train_flags_it_would_ignore(flags, capsys):
     with pytest.raises(SystemExit):
         joint.parse_args(flags)
-    assert f"{flags[0]}" in capsys.readouterr().err
+    assert flags[0] in capsys.readouterr().err
 
 
 def test_joint_accepts_the_flags_it_uses():
