@@ -17,10 +17,11 @@ mean of the listed tasks' --epochs_*, so a task's own stage length when it is al
 
 Takes every flag of train.py that applies (img_size, batch_size, first-stage factors,
 det_scale_jitter, seed, device, amp, ...); the learning rate is the first listed task's
-(--lr_seg by default). The flags of replay, distillation, resuming and the demo, a
-stage-2/3 --lr_factor or another task's --lr_* stop it with an error instead of being
-ignored. Outputs in --out_dir: model_joint_best.pt and joint_log.jsonl (one
-JSON object per epoch).
+(--lr_seg by default). train.py's flags of replay, distillation, checkpoint selection,
+resuming, the demo and --baseline_mode are not flags here (for demo data: python
+datasets.py --make-demo DIR, then --data_root DIR); a stage-2/3 --lr_factor or another
+task's --lr_* stops it with an error instead of being ignored. Outputs in --out_dir: model_joint_best.pt and
+joint_log.jsonl (one JSON object per epoch).
 """
 import argparse
 import json
@@ -37,11 +38,6 @@ from metrics import PRIMARY_METRIC
 from models import PretrainedWeightsError, pick_device
 
 CHECKPOINT_NAME = "model_joint_best.pt"
-# train.py flags that a joint run has no use for (nothing is replayed or distilled, there is one
-# kept model and no last.pt): refused, so that a user never believes they changed something
-TRAIN_ONLY_FLAGS = ("demo", "resume", "start_from", "select_window", "replay_batch_size", "distill_weight_seg",
-                    "distill_weight_det_logits", "distill_weight_det_feature", "distill_weight_cls", "distill_temp",
-                    "distill_seg_new_images")
 
 
 def task_list(text):
@@ -55,21 +51,20 @@ def task_list(text):
 
 
 def parse_args(argv=None):
-    parser = train.build_parser(__doc__.split("\n\n")[0])
+    # without train.py's replay, distillation, resume, demo and baseline flags: unknown here, not ignored
+    parser = train.build_parser(__doc__.split("\n\n")[0], sequential=False)
     parser.add_argument("--tasks", type=task_list, default="all",
                         help="tasks trained together: 'all' or a subset such as 'det' (a single-task reference)")
     parser.add_argument("--epochs", type=int, default=None,
                         help="joint epochs (default: the mean of the listed tasks' --epochs_*, the same budget)")
     args = train.parse_args(argv, parser)
-    defaults = train.parse_args([], parser)
-    other_lrs = [f"lr_{task}" for task in TASKS if task != args.tasks[0]]
-    unused = [f"--{name}" for name in TRAIN_ONLY_FLAGS + tuple(other_lrs)
-              if getattr(args, name) != getattr(defaults, name)]
+    unused = [f"--lr_{task}" for task in TASKS
+              if task != args.tasks[0] and getattr(args, f"lr_{task}") != parser.get_default(f"lr_{task}")]
     unused += [f"--lr_factor {stage} {module} {value}" for stage, module, value in args.lr_factor if stage != "1"]
     if unused:
-        hint = " (demo data: python datasets.py --make-demo DIR, then --data_root DIR)" if args.demo else ""
         parser.error(f"{', '.join(unused)}: not used by a joint run, which learns at --lr_{args.tasks[0]} with the "
-                     f"stage-1 factors and replays, distils and resumes nothing{hint}")
+                     f"stage-1 factors")
+    args.baseline_mode = False  # train.load_data and build_model ask; a joint run is always the fast way
     if args.epochs is None:
         args.epochs = round(sum(getattr(args, f"epochs_{task}") for task in args.tasks) / len(args.tasks))
     if args.epochs < 1:

@@ -87,7 +87,9 @@ def scale_range(text):
     return low, high
 
 
-def build_parser(description=__doc__.split("\n\n")[0]):
+def build_parser(description=__doc__.split("\n\n")[0], sequential=True):
+    """train.py's flags; with sequential=False only those of training the tasks together
+    (joint.py), which replays, distils, selects over a window and resumes nothing."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data_root", default="DL_data")
     p.add_argument("--out_dir", default=".")
@@ -104,7 +106,6 @@ def build_parser(description=__doc__.split("\n\n")[0]):
     p.add_argument("--epochs_det", type=int, default=30)
     p.add_argument("--epochs_cls", type=int, default=30)  # Top-1 still rises after 20 (RESULTS.md, three seeds)
     p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--replay_batch_size", type=int, default=8)
     # 10x the reference's 1e-4: with 240 images an epoch is only 8 steps for the randomly
     # initialised neck and heads. The runs in RESULTS.md used 1e-3; 1e-4 was not re-measured here.
     p.add_argument("--lr_seg", type=float, default=1e-3)
@@ -115,15 +116,6 @@ def build_parser(description=__doc__.split("\n\n")[0]):
                    help=f"override one entry of the LR factor table (x the stage's --lr_*; 0 freezes), e.g. "
                         f"--lr_factor 3 neck 0.05; repeatable. MODULE: {', '.join(MODULES)}. "
                         f"Defaults: {LR_FACTORS}")
-    p.add_argument("--distill_weight_seg", type=float, default=DISTILL_WEIGHTS["seg"])
-    p.add_argument("--distill_weight_det_logits", type=float, default=DISTILL_WEIGHTS["det_logits"])
-    p.add_argument("--distill_weight_det_feature", type=float, default=DISTILL_WEIGHTS["det_feature"])
-    p.add_argument("--distill_weight_cls", type=float, default=DISTILL_WEIGHTS["cls"])
-    p.add_argument("--distill_temp", type=float, default=2.0)
-    p.add_argument("--distill_seg_new_images", type=float, nargs="+", default=[4.0, 1.0], metavar="W",
-                   help="stages 2-3: also distil segmentation on the new task's own training images (the "
-                        "teacher's stride-16 logits, KL at --distill_temp) with weight W (0: off); two values "
-                        "give stage 2 and stage 3 their own weights (default: 4 in stage 2, 1 in stage 3)")
     p.add_argument("--det_assign", default="region", choices=("region", "center"),
                    help="detection target assignment: region (FCOS-style) or center (reference-style ablation)")
     p.add_argument("--det_objectness", default="binary", choices=("binary", "iou"),
@@ -136,10 +128,6 @@ def build_parser(description=__doc__.split("\n\n")[0]):
                    help="detection training: random zoom between MIN and MAX with a small shift; 'off' disables it")
     p.add_argument("--cls_scale_jitter", type=scale_range, default="off", metavar="MIN,MAX",
                    help="classification training: random zoom between MIN and MAX with a small shift; 'off' disables it")
-    # 3: one lucky epoch on 60 images must not become a baseline later stages cannot get back to
-    p.add_argument("--select_window", type=int, default=3, metavar="N",
-                   help="keep the stage's checkpoint by the mean of its metric over the last N epochs (1: that "
-                        "epoch's alone); the baseline stays the kept epoch's own score")
     p.add_argument("--lr_schedule", default="plateau", choices=("plateau", "cosine"),
                    help="per-epoch LR: halve it once more than --plateau_patience epochs in a row bring no better "
                         "primary score, or anneal it to 0 over the stage (cosine)")
@@ -153,16 +141,33 @@ def build_parser(description=__doc__.split("\n\n")[0]):
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers (images are cached in memory)")
     p.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"),
                    help="autocast dtype; auto = bf16 (fp16 + grad scaler on older GPUs); on CPU bf16 where native")
-    p.add_argument("--baseline_mode", action="store_true",
+    if not sequential:
+        return p
+    s = p.add_argument_group("train.py only (a joint.py run has no use for these)")
+    s.add_argument("--replay_batch_size", type=int, default=8)
+    s.add_argument("--distill_weight_seg", type=float, default=DISTILL_WEIGHTS["seg"])
+    s.add_argument("--distill_weight_det_logits", type=float, default=DISTILL_WEIGHTS["det_logits"])
+    s.add_argument("--distill_weight_det_feature", type=float, default=DISTILL_WEIGHTS["det_feature"])
+    s.add_argument("--distill_weight_cls", type=float, default=DISTILL_WEIGHTS["cls"])
+    s.add_argument("--distill_temp", type=float, default=2.0)
+    s.add_argument("--distill_seg_new_images", type=float, nargs="+", default=[4.0, 1.0], metavar="W",
+                   help="stages 2-3: also distil segmentation on the new task's own training images (the "
+                        "teacher's stride-16 logits, KL at --distill_temp) with weight W (0: off); two values "
+                        "give stage 2 and stage 3 their own weights (default: 4 in stage 2, 1 in stage 3)")
+    # 3: one lucky epoch on 60 images must not become a baseline later stages cannot get back to
+    s.add_argument("--select_window", type=int, default=3, metavar="N",
+                   help="keep the stage's checkpoint by the mean of its metric over the last N epochs (1: that "
+                        "epoch's alone); the baseline stays the kept epoch's own score")
+    s.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.pt")
+    s.add_argument("--start_from", metavar="CKPT", help="begin after the stage of this stage checkpoint (e.g. "
+                   "model_s1_best.pt: run stages 2-3 only), with its weights and baselines")
+    s.add_argument("--demo", action="store_true",
+                   help="generate the demo dataset in a temporary folder and run the whole pipeline on it")
+    s.add_argument("--baseline_mode", action="store_true",
                    help="the straightforward way, for speed comparisons: decode every image every epoch, "
                         "teacher forward on every replay batch, default memory format, float32, glibc's own "
                         "memory limits, and the reference's backbone LR factor 0.005 in stages 2-3")
-    p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.pt")
-    p.add_argument("--start_from", metavar="CKPT", help="begin after the stage of this stage checkpoint (e.g. "
-                   "model_s1_best.pt: run stages 2-3 only), with its weights and baselines")
-    p.add_argument("--demo", action="store_true",
-                   help="generate the demo dataset in a temporary folder and run the whole pipeline on it")
-    p.add_argument("--stop_after_epochs", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulate a kill
+    s.add_argument("--stop_after_epochs", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulate a kill
     return p
 
 
@@ -170,15 +175,16 @@ def parse_args(argv=None, parser=None):
     p = parser or build_parser()
     args = p.parse_args(argv)
     for name in ("epochs_seg", "epochs_det", "epochs_cls", "batch_size", "replay_batch_size", "select_window"):
-        if getattr(args, name) < 1:
+        if name in args and getattr(args, name) < 1:  # the last two: train.py only
             p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if not 0 <= args.label_smoothing < 1:
         p.error(f"--label_smoothing must be in [0, 1), got {args.label_smoothing}")
-    weights = args.distill_seg_new_images
-    if len(weights) > 2 or min(weights) < 0:
-        p.error(f"--distill_seg_new_images: expected one or two weights >= 0 (stages 2 and 3), got "
-                f"{' '.join(map(str, weights))}")
-    args.distill_seg_new_images = {2: weights[0], 3: weights[-1]}  # stage -> weight
+    if "distill_seg_new_images" in args:
+        weights = args.distill_seg_new_images
+        if len(weights) > 2 or min(weights) < 0:
+            p.error(f"--distill_seg_new_images: expected one or two weights >= 0 (stages 2 and 3), got "
+                    f"{' '.join(map(str, weights))}")
+        args.distill_seg_new_images = {2: weights[0], 3: weights[-1]}  # stage -> weight
     if not 0 <= args.ema_decay < 1:
         p.error(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
     args.lr_factors = {stage: dict(table) for stage, table in LR_FACTORS.items()}
@@ -385,7 +391,7 @@ def train_one_epoch(model, batches, replay_banks, optimizer, scaler, args, devic
     at a time (the first joint.py epoch at the default sizes: 8.8 GiB peak instead of 12.8 GiB;
     RESULTS.md)."""
     weights = {"seg": args.distill_weight_seg, "det_logits": args.distill_weight_det_logits,
-               "det_feature": args.distill_weight_det_feature, "cls": args.distill_weight_cls}
+               "det_feature": args.distill_weight_det_feature, "cls": args.distill_weight_cls} if replay_banks else {}
     loss_options = {"seg": {}, "det": {"mode": args.det_assign, "objectness": args.det_objectness},
                     "cls": {"label_smoothing": args.label_smoothing}}
     autocast = functools.partial(torch.autocast, device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
