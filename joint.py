@@ -64,7 +64,6 @@ def parse_args(argv=None):
     if unused:
         parser.error(f"{', '.join(unused)}: not used by a joint run, which learns at --lr_{args.tasks[0]} with the "
                      f"stage-1 factors")
-    args.baseline_mode = False  # train.load_data and build_model ask; a joint run is always the fast way
     if args.epochs is None:
         args.epochs = round(sum(getattr(args, f"epochs_{task}") for task in args.tasks) / len(args.tasks))
     if args.epochs < 1:

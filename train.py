@@ -573,9 +573,9 @@ def build_train_set(task, args, cache=True):
     return build_dataset(task, args.data_root, "train", args.img_sizes[task], cache=cache, augment=augment)
 
 
-def load_data(args):
-    """Train and val sets of every task (decoded once, unless --baseline_mode) and class names."""
-    cache = not args.baseline_mode
+def load_data(args, cache=True):
+    """Train and val sets of every task and class names; `cache`: decode and resize every image
+    once and keep it in memory (train.py's --baseline_mode decodes on every access instead)."""
     data = {"train": {task: build_train_set(task, args, cache) for task in TASKS},
             "val": {task: build_dataset(task, args.data_root, "val", args.img_sizes[task], cache=cache)
                     for task in TASKS}}
@@ -583,9 +583,9 @@ def load_data(args):
     return data
 
 
-def build_model(args, device):
+def build_model(args, device, channels_last=True):
     model = UnifiedMultiTaskModel(args.backbone, pretrained=args.pretrained).to(device)
-    return model if args.baseline_mode else model.use_channels_last()
+    return model.use_channels_last() if channels_last else model
 
 
 def main(argv=None):
@@ -605,8 +605,8 @@ def main(argv=None):
     try:
         device = pick_device(args.device)
         set_seed(args.seed)
-        data = load_data(args)
-        model = build_model(args, device)
+        data = load_data(args, cache=not args.baseline_mode)
+        model = build_model(args, device, channels_last=not args.baseline_mode)
         state = {"baselines": {}}
         if args.resume:
             state = resume_state(out_dir, model, args)

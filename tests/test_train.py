@@ -8,6 +8,7 @@ import torch
 from torchvision.transforms import v2
 
 import eval as eval_script
+import joint
 import train
 from losses import distillation_loss, task_loss
 from models import UnifiedMultiTaskModel
@@ -221,6 +222,27 @@ def test_a_nan_loss_stops_cleanly_and_keeps_earlier_checkpoints(demo_root, tmp_p
     stage1 = torch.load(tmp_path / "model_s1_best.pt", weights_only=False)
     assert all(torch.isfinite(v).all() for v in stage1["model"].values() if v.is_floating_point())
     assert not (tmp_path / "model_s2_best.pt").exists()
+
+
+@pytest.mark.parametrize("script, flags, fast", [(train, [], True), (train, ["--baseline_mode"], False),
+                                                  (joint, [], True)])
+def test_only_baseline_mode_turns_off_the_image_cache_and_channels_last(script, flags, fast, demo_root, tmp_path,
+                                                                        monkeypatch):
+    asked = {}
+
+    def load_data(args, cache=True):
+        asked["cache"] = cache
+        return {}
+
+    def build_model(args, device, channels_last=True):
+        asked["channels_last"] = channels_last
+        raise ValueError("stopped by the test")  # both scripts turn it into a one-line exit
+
+    monkeypatch.setattr(train, "load_data", load_data)
+    monkeypatch.setattr(train, "build_model", build_model)
+    with pytest.raises(SystemExit, match="stopped by the test"):
+        script.main(["--data_root", str(demo_root), "--out_dir", str(tmp_path), *flags])
+    assert asked == {"cache": fast, "channels_last": fast}
 
 
 def test_start_from_a_stage_checkpoint_runs_only_the_later_stages(tiny_run, demo_root, tmp_path):
