@@ -24,7 +24,6 @@ import math
 import sys
 
 import torch
-import torch.nn.functional as F
 
 from datasets import DataError, build_dataset, collate, train_augmentation
 from detection import decode, detection_loss
