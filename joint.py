@@ -118,14 +118,15 @@ def main(argv=None):
             sys.exit(f"error: {err}: training stopped; {out_dir / CHECKPOINT_NAME} (if written) is intact")
         metrics = train.validate(scored, data["val"], tasks, args)
         score = sum(metrics[PRIMARY_METRIC[task]] for task in tasks) / len(tasks)
+        lr = train.head_lr(optimizer, tasks[0])  # every head learns at the same rate here
         train.step_scheduler(scheduler, score)
         is_best = best_score is None or score > best_score
         if is_best:
             best_score = score
             train.save_atomic(train.checkpoint(scored, args, data["class_names"], {}, "joint", epoch, metrics),
                               out_dir / CHECKPOINT_NAME)
-        record = {"task": "joint", "tasks": tasks, "epoch": epoch, "epochs": args.epochs, "losses": losses, **metrics,
-                  "mean_score": score, "best": is_best, "time_s": round(time.time() - started, 2)}
+        record = {"task": "joint", "tasks": tasks, "epoch": epoch, "epochs": args.epochs, "lr": lr, "losses": losses,
+                  **metrics, "mean_score": score, "best": is_best, "time_s": round(time.time() - started, 2)}
         with open(out_dir / "joint_log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         shown = " ".join(f"{PRIMARY_METRIC[task]}={metrics[PRIMARY_METRIC[task]]:.4f}" for task in tasks)

@@ -1,6 +1,7 @@
-"""Figures from the machine-readable training log written by train.py.
+"""Figures from the machine-readable training log written by train.py (or joint.py).
 
     python plot_log.py --log OUT/training_log.jsonl --out_dir plots
+    python plot_log.py --log OUT/joint_log.jsonl --out_dir plots     # a joint.py run
 
 The log has one JSON object per finished epoch (see train.py), for example
 
@@ -17,6 +18,10 @@ Writes, for the stages present in the log:
   forgetting_summary.png              each task's score at the kept checkpoint of every
                                       stage against its baseline and 5% drop line
 A resumed run may repeat a (stage, epoch): the later line wins.
+
+joint.py's log ("task": "joint", no stage) gives joint_metrics.png instead: losses, the
+validation metric of every task trained together and lr, per epoch, with the kept epoch
+(the best mean score) marked; there are no baselines or drops in a joint run.
 """
 import argparse
 import json
@@ -44,11 +49,12 @@ class LogError(ValueError):
 
 
 def load_log(path):
-    """Read training_log.jsonl -> list of epoch records sorted by (stage, epoch).
+    """Read training_log.jsonl (or joint_log.jsonl) -> list of epoch records sorted by
+    (stage, epoch); a joint log's records have no stage and are sorted by epoch.
 
     When a (stage, epoch) appears more than once (a resumed run), the later line wins.
-    Raises LogError for a missing/empty file or a line that is not a JSON object with
-    integer "stage" (1-3) and "epoch".
+    Raises LogError for a missing/empty file, a line that is not a JSON object with
+    integer "stage" (1-3) or "task": "joint" and an integer "epoch", or a log that mixes the two.
     """
     if not os.path.isfile(path):
         raise LogError(f"{path}: log file not found")
@@ -62,16 +68,23 @@ def load_log(path):
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise LogError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict) or "stage" not in rec:
-                raise LogError(f'{where}: expected a JSON object with a "stage" key')
-            if rec["stage"] not in STAGES:
+            joint = isinstance(rec, dict) and rec.get("task") == "joint"
+            if not isinstance(rec, dict) or not (joint or "stage" in rec):
+                raise LogError(f'{where}: expected a JSON object with a "stage" key (or "task": "joint")')
+            if not joint and rec["stage"] not in STAGES:
                 raise LogError(f"{where}: unknown stage {rec['stage']!r} (expected 1, 2 or 3)")
             if not isinstance(rec.get("epoch"), int):
                 raise LogError(f'{where}: expected an integer "epoch"')
-            records[(rec["stage"], rec["epoch"])] = rec
+            if records and is_joint(next(iter(records.values()))) != joint:
+                raise LogError(f"{where}: mixes joint.py and train.py records; expected one run's log")
+            records[(rec.get("stage", 0), rec["epoch"])] = rec
     if not records:
         raise LogError(f"{path}: log is empty")
     return [records[k] for k in sorted(records)]
+
+
+def is_joint(rec):
+    return rec.get("task") == "joint"
 
 
 def value(rec, key):
@@ -87,18 +100,34 @@ def kept_record(recs):
 
 
 def plot_stage(stage, recs, path):
+    """One stage: its losses, the metric of every task seen so far (the earlier tasks'
+    baselines and 5% drop lines drawn), lr."""
     task, title, _ = STAGES[stage]
     metrics = [STAGES[s][2] for s in STAGES if s <= stage]
+    kept, _ = kept_record(recs)
+    baselines = {m: b for m, b in (kept.get("baselines") or {}).items() if m in metrics[:-1]}
+    plot_epochs(recs, f"Stage {stage}: {title} ({task})", metrics, baselines, path)
+
+
+def plot_joint(recs, path):
+    """A joint.py run: its losses, the metric of every task it trains, lr; no baselines."""
+    tasks = recs[-1].get("tasks") or []
+    metrics = [metric for task, _, metric in STAGES.values() if task in tasks]
+    plot_epochs(recs, f"Joint training ({', '.join(tasks)})", metrics, {}, path)
+
+
+def plot_epochs(recs, title, metrics, baselines, path):
+    """Losses, one panel per metric (with the baseline and 5% drop lines of those in
+    `baselines`) and lr, per epoch; the kept epoch is starred."""
     kept, flagged = kept_record(recs)
-    baselines = kept.get("baselines") or {}
     epochs = [r["epoch"] for r in recs]
 
     fig, axes = plt.subplots(len(metrics) + 2, 1, sharex=True,
                              figsize=(8, 2.4 * (len(metrics) + 2)))
     kept_label = f"kept epoch {kept['epoch']}" + ("" if flagged else " (last; none flagged best)")
-    fig.suptitle(f"Stage {stage}: {title} ({task}), {kept_label}")
+    fig.suptitle(f"{title}, {kept_label}")
 
-    # losses: every key seen in this stage
+    # losses: every key in the log
     ax = axes[0]
     loss_keys = list(dict.fromkeys(k for r in recs for k in (r.get("losses") or {})))
     all_losses = []
@@ -112,7 +141,7 @@ def plot_stage(stage, recs, path):
     if loss_keys:
         ax.legend(fontsize=8, ncol=2)
 
-    # one panel per task seen so far
+    # one panel per task
     for ax, m in zip(axes[1:-1], metrics):
         color = COLORS[m]
         ax.plot(epochs, [value(r, m) for r in recs], marker=".", color=color, label=m)
@@ -122,8 +151,7 @@ def plot_stage(stage, recs, path):
                         color=color, alpha=0.6, label=extra)
         ax.plot([kept["epoch"]], [value(kept, m)], marker="*", ms=14, color="red",
                 ls="none", label=f"kept: {value(kept, m):.4g}")
-        own_stage = metrics.index(m) + 1
-        if own_stage < stage and m in baselines:
+        if m in baselines:
             b = baselines[m]
             ax.axhline(b, color=color, ls="--", lw=1, label=f"baseline {b:.4g}")
             ax.axhline(b * (1 - MAX_DROP), color=color, ls=":", lw=1.2,
@@ -190,9 +218,9 @@ def plot_summary(by_stage, path):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Plot losses, metrics, lr and forgetting "
-                                     "from train.py's training_log.jsonl.")
+                                     "from train.py's training_log.jsonl (or joint.py's joint_log.jsonl).")
     parser.add_argument("--log", default="OUT/training_log.jsonl",
-                        help="machine log written by train.py (default: %(default)s)")
+                        help="machine log written by train.py or joint.py (default: %(default)s)")
     parser.add_argument("--out_dir", default="plots",
                         help="folder for the PNG files (default: %(default)s)")
     args = parser.parse_args(argv)
@@ -203,11 +231,16 @@ def main(argv=None):
         print(f"plot_log.py: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 
+    os.makedirs(args.out_dir, exist_ok=True)
+    if is_joint(records[0]):
+        path = os.path.join(args.out_dir, "joint_metrics.png")
+        plot_joint(records, path)
+        print(path)
+        return [path]
+
     by_stage = {}
     for r in records:
         by_stage.setdefault(r["stage"], []).append(r)
-
-    os.makedirs(args.out_dir, exist_ok=True)
     written = []
     for stage, recs in sorted(by_stage.items()):
         path = os.path.join(args.out_dir, f"stage{stage}_{STAGES[stage][1].lower()}_metrics.png")

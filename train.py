@@ -461,6 +461,11 @@ def make_scheduler(optimizer, args, epochs):
                                                       patience=args.plateau_patience)
 
 
+def head_lr(optimizer, task):
+    """The learning rate of `task`'s head this epoch (the LR the log and plot_log.py show)."""
+    return next((group["lr"] for group in optimizer.param_groups if group["name"] == f"{task}_head"), 0.0)
+
+
 def step_scheduler(scheduler, score):
     """End of an epoch: the plateau schedule needs the epoch's score, cosine only counts epochs."""
     if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -526,7 +531,7 @@ def run_stage(stage, primary, model, data, state, args, device, log):
                                  weight_average, teacher, seg_new_images_weight)
         metrics = validate(scored, data["val"], seen, args)
         own = metrics[PRIMARY_METRIC[primary]]
-        head_lr = next((g["lr"] for g in optimizer.param_groups if g["name"] == f"{primary}_head"), 0.0)
+        lr = head_lr(optimizer, primary)
         step_scheduler(scheduler, own)  # after reading the LR: the log has the one this epoch trained with
         state["recent_scores"] = (state.get("recent_scores", []) + [own])[-args.select_window:]
         key = selection_key(metrics, primary, state["baselines"], state["recent_scores"])
@@ -536,7 +541,7 @@ def run_stage(stage, primary, model, data, state, args, device, log):
             baselines = {**state["baselines"], PRIMARY_METRIC[primary]: own}
             save_atomic(checkpoint(scored, args, data["class_names"], baselines, stage, epoch, metrics),
                         out_dir / CHECKPOINT_NAMES[stage])
-        record = {"stage": stage, "task": primary, "epoch": epoch, "epochs": epochs, "lr": head_lr,
+        record = {"stage": stage, "task": primary, "epoch": epoch, "epochs": epochs, "lr": lr,
                   "losses": losses, **metrics, "baselines": state["baselines"], "best": is_best,
                   "time_s": round(time.time() - started, 2)}
         with open(out_dir / "training_log.jsonl", "a") as f:

@@ -6,6 +6,7 @@ import torch
 
 import eval as eval_script
 import joint
+import plot_log
 import train
 from datasets import TASKS
 from models import UnifiedMultiTaskModel
@@ -73,6 +74,9 @@ def test_joint_run_writes_a_checkpoint_eval_scores_the_same(demo_root, tmp_path,
     assert [r["epoch"] for r in records] == [1, 2]
     for record in records:
         assert {"seg", "det", "cls"} <= set(record["losses"]) and {"mIoU", "mAP_50", "top1"} <= set(record)
+        assert record["lr"] == pytest.approx(train.parse_args([]).lr_seg)  # heads at factor 1, no plateau yet
+    assert plot_log.main(["--log", str(tmp_path / "joint_log.jsonl"), "--out_dir", str(tmp_path / "plots")]) == [
+        str(tmp_path / "plots" / "joint_metrics.png")]
     ckpt = torch.load(tmp_path / joint.CHECKPOINT_NAME, weights_only=False)
     assert ckpt["baselines"] == {} and ckpt["stage"] == "joint"
     kept = max(records, key=lambda r: r["mean_score"])

@@ -67,6 +67,17 @@ def test_three_stages_write_all_figures(tmp_path, capsys):
         assert str(out / name) in printed
 
 
+def test_each_stage_figure_draws_the_earlier_tasks_baselines_only(tmp_path, monkeypatch):
+    drawn = []
+    monkeypatch.setattr(plot_log, "plot_epochs",
+                        lambda recs, title, metrics, baselines, path: drawn.append((metrics, baselines)))
+    monkeypatch.setattr(plot_log, "plot_summary", lambda by_stage, path: None)
+    plot_log.main(["--log", str(write_log(tmp_path / "log.jsonl", three_stage_records())),
+                   "--out_dir", str(tmp_path / "plots")])
+    assert drawn == [(["mIoU"], {}), (["mIoU", "mAP_50"], {"mIoU": 0.33}),
+                     (["mIoU", "mAP_50", "top1"], {"mIoU": 0.33, "mAP_50": 0.12})]
+
+
 def test_stage1_only(tmp_path):
     log = write_log(tmp_path / "log.jsonl", three_stage_records()[:4])
     out = tmp_path / "plots"
@@ -88,6 +99,41 @@ def test_bad_line_exits_2(tmp_path, capsys, extra, expect):
     err = capsys.readouterr().err
     assert str(log) in err and expect in err
     assert len(err.strip().splitlines()) == 1
+
+
+def joint_record(epoch, best, tasks=("seg", "det", "cls")):
+    metrics = {"seg": {"mIoU": 0.2 + 0.05 * epoch}, "det": {"mAP_50": 0.01 * epoch}, "cls": {"top1": 0.5 + 0.1 * epoch}}
+    return {"task": "joint", "tasks": list(tasks), "epoch": epoch, "epochs": 3, "lr": 1e-3,
+            "losses": {"total": 3.0 / epoch, **{t: 1.0 / epoch for t in tasks}},
+            **{k: v for t in tasks for k, v in metrics[t].items()}, "mean_score": 0.3, "best": best, "time_s": 1.0}
+
+
+@pytest.mark.parametrize("tasks", [("seg", "det", "cls"), ("det",)])
+def test_a_joint_log_gives_one_figure_of_the_tasks_it_trained(tmp_path, capsys, tasks, monkeypatch):
+    log = write_log(tmp_path / "joint_log.jsonl", [joint_record(e, e != 3, tasks) for e in (1, 2, 3)])
+    drawn = {}
+    real_plot_epochs = plot_log.plot_epochs
+
+    def plot_epochs(recs, title, metrics, baselines, path):
+        drawn.update(metrics=metrics, baselines=baselines, epochs=[r["epoch"] for r in recs])
+        real_plot_epochs(recs, title, metrics, baselines, path)
+
+    monkeypatch.setattr(plot_log, "plot_epochs", plot_epochs)
+    out = tmp_path / "plots"
+    assert plot_log.main(["--log", str(log), "--out_dir", str(out)]) == [str(out / "joint_metrics.png")]
+    assert [p.name for p in out.iterdir()] == ["joint_metrics.png"]
+    assert_png(out / "joint_metrics.png")
+    expected = [plot_log.STAGES[s][2] for s in plot_log.STAGES if plot_log.STAGES[s][0] in tasks]
+    assert drawn == {"metrics": expected, "baselines": {}, "epochs": [1, 2, 3]}
+
+
+def test_a_log_mixing_joint_and_stage_records_exits_2(tmp_path, capsys):
+    log = write_log(tmp_path / "log.jsonl", three_stage_records()[:2], [json.dumps(joint_record(1, True))])
+    with pytest.raises(SystemExit) as exc:
+        plot_log.main(["--log", str(log), "--out_dir", str(tmp_path / "plots")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "line 3" in err and "mixes joint.py and train.py records" in err
 
 
 @pytest.mark.parametrize("content", [None, "", "\n\n"])
