@@ -118,12 +118,15 @@ def plot_joint(recs, path):
 
 def plot_epochs(recs, title, metrics, baselines, path):
     """Losses, one panel per metric (with the baseline and 5% drop lines of those in
-    `baselines`) and lr, per epoch; the kept epoch is starred."""
+    `baselines`) and lr (where the log has it), per epoch; the kept epoch is starred."""
     kept, flagged = kept_record(recs)
     epochs = [r["epoch"] for r in recs]
 
-    fig, axes = plt.subplots(len(metrics) + 2, 1, sharex=True,
-                             figsize=(8, 2.4 * (len(metrics) + 2)))
+    lrs = [value(r, "lr") for r in recs]
+    has_lr = not all(math.isnan(lr) for lr in lrs)  # joint logs before session 22 have none
+    panels = 1 + len(metrics) + has_lr
+    fig, axes = plt.subplots(panels, 1, sharex=True, figsize=(8, 2.4 * panels), squeeze=False)
+    axes = axes[:, 0]
     kept_label = f"kept epoch {kept['epoch']}" + ("" if flagged else " (last; none flagged best)")
     fig.suptitle(f"{title}, {kept_label}")
 
@@ -142,7 +145,7 @@ def plot_epochs(recs, title, metrics, baselines, path):
         ax.legend(fontsize=8, ncol=2)
 
     # one panel per task
-    for ax, m in zip(axes[1:-1], metrics):
+    for ax, m in zip(axes[1:], metrics):
         color = COLORS[m]
         ax.plot(epochs, [value(r, m) for r in recs], marker=".", color=color, label=m)
         for extra in EXTRA_METRICS.get(m, []):
@@ -159,12 +162,13 @@ def plot_epochs(recs, title, metrics, baselines, path):
         ax.set_ylabel(f"val {m}")
         ax.legend(fontsize=8, loc="best")
 
+    if has_lr:
+        ax = axes[-1]
+        ax.plot(epochs, lrs, marker=".", color="black")
+        if all(lr > 0 for lr in lrs):  # also False when an lr is missing (NaN)
+            ax.set_yscale("log")
+        ax.set_ylabel("lr")
     ax = axes[-1]
-    lrs = [value(r, "lr") for r in recs]
-    ax.plot(epochs, lrs, marker=".", color="black")
-    if all(lr > 0 for lr in lrs):  # also False when an lr is missing (NaN)
-        ax.set_yscale("log")
-    ax.set_ylabel("lr")
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 

@@ -127,6 +127,16 @@ def test_a_joint_log_gives_one_figure_of_the_tasks_it_trained(tmp_path, capsys, 
     assert drawn == {"metrics": expected, "baselines": {}, "epochs": [1, 2, 3]}
 
 
+def test_a_log_without_lr_gets_no_lr_panel(tmp_path, monkeypatch):
+    records = [{k: v for k, v in joint_record(e, True).items() if k != "lr"} for e in (1, 2)]
+    panels = []
+    real_subplots = plot_log.plt.subplots
+    monkeypatch.setattr(plot_log.plt, "subplots", lambda n, *a, **kw: panels.append(n) or real_subplots(n, *a, **kw))
+    plot_log.main(["--log", str(write_log(tmp_path / "log.jsonl", records)), "--out_dir", str(tmp_path / "plots")])
+    assert panels == [1 + 3]  # losses and the three metrics
+    assert_png(tmp_path / "plots" / "joint_metrics.png")
+
+
 def test_a_log_mixing_joint_and_stage_records_exits_2(tmp_path, capsys):
     log = write_log(tmp_path / "log.jsonl", three_stage_records()[:2], [json.dumps(joint_record(1, True))])
     with pytest.raises(SystemExit) as exc:
