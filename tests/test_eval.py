@@ -9,6 +9,7 @@ import torch
 
 import eval as eval_script
 import plot_log
+import summarize
 import train
 from datasets import build_dataset
 from metrics import evaluate
@@ -40,6 +41,9 @@ def test_eval_json_has_every_key_and_uses_checkpoint_baselines(trained, demo_roo
     assert report["drops"]["top1"] == pytest.approx(0.0, abs=1e-6)
     table = capsys.readouterr().out
     assert "MET" in table and "mIoU" in table and "reference README's variant" in table
+    # summarize.py reads the report as eval.py wrote it: one run, its numbers, no spread
+    top1_row = next(line for line in summarize.main([str(json_path)]) if line.startswith("| cls |"))
+    assert f"| {report['metrics']['top1']:.4f} (-) |" in top1_row and top1_row.endswith("| 1 of 1 |")
 
 
 def test_baseline_flags_override_and_drop_formula(trained, demo_root, tmp_path):
