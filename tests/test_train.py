@@ -271,6 +271,16 @@ def test_bad_flags_are_rejected(flags, capsys):
     assert exit_info.value.code == 2 and flags[0] in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("sequential", [True, False], ids=["train.py", "joint.py"])
+def test_help_describes_every_flag_and_shows_only_real_defaults(sequential):
+    parser = train.build_parser(sequential=sequential)
+    assert [a.option_strings for a in parser._actions if not a.help] == []
+    text = " ".join(parser.format_help().split())
+    assert not any(f"(default: {v})" in text for v in ("None", "[]", "True", "False"))
+    assert "epochs of stage 1, segmentation (default: 30)" in text
+    assert "input size of the segmentation images (default: 416)" in text
+
+
 def test_img_size_flags_set_every_task_or_one():
     assert train.parse_args([]).img_sizes == train.IMG_SIZES
     assert train.parse_args(["--img_size", "256"]).img_sizes == {"seg": 256, "det": 256, "cls": 256}
