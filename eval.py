@@ -22,23 +22,23 @@ import torch
 from datasets import TASKS, DataError, build_dataset
 from metrics import MAX_DROP_PERCENT, PRIMARY_METRIC, drop_percent, evaluate
 from models import UnifiedMultiTaskModel, pick_device
-from train import checkpoint_img_sizes, describe_sizes
+from train import HelpWithDefaults, checkpoint_img_sizes, describe_sizes
 
 BASELINE_FLAGS = {"seg": "base_miou", "det": "base_map", "cls": "base_top1"}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--weights", required=True, help="a checkpoint written by train.py")
-    p.add_argument("--data_root", default="DL_data")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpWithDefaults)
+    p.add_argument("--weights", required=True, help="a checkpoint written by train.py or joint.py")
+    p.add_argument("--data_root", default="DL_data", help="folder of the three datasets")
     p.add_argument("--tasks", default="all", help="all, or a comma list of seg, det, cls")
     p.add_argument("--base_miou", type=float, help="segmentation baseline (default: from the checkpoint)")
     p.add_argument("--base_map", type=float, help="detection baseline (default: from the checkpoint)")
     p.add_argument("--base_top1", type=float, help="classification baseline (default: from the checkpoint)")
     p.add_argument("--split", default="val", choices=("val", "train"),
                    help="the images scored; train shows no baselines or drops (those are val scores)")
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--batch_size", type=int, default=32, help="images per forward pass")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--img_size", type=int, help="input size of every task (default: each task's size in the checkpoint)")
     p.add_argument("--bootstrap", type=int, default=0, metavar="N",
                    help="also print a 95%% interval of each score from N resamples of the val images (e.g. 1000)")

@@ -111,6 +111,14 @@ def run_cli(*args):
                           cwd=eval_script.__file__.rsplit("/", 1)[0])
 
 
+def test_help_shows_every_default_and_no_empty_one(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        eval_script.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert exit_info.value.code == 0
+    assert "(default: None)" not in text and "(default: 32)" in text and "(default: DL_data)" in text
+
+
 def test_missing_weights_is_a_one_line_error(demo_root, tmp_path):
     result = run_cli("--weights", str(tmp_path / "nope.pt"), "--data_root", str(demo_root))
     assert result.returncode != 0 and "Traceback" not in result.stderr
