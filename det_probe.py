@@ -30,28 +30,28 @@ from detection import decode, detection_loss
 from eval import load_model
 from metrics import DetectionMetric
 from models import UnifiedMultiTaskModel, pick_device
-from train import autocast_dtype, build_parser, checkpoint_img_sizes, scale_range, set_seed, set_train_mode
+from train import HelpWithDefaults, autocast_dtype, build_parser, checkpoint_img_sizes, scale_range, set_seed, set_train_mode
 
 TRUNK = ("neck", "shared_conv1", "shared_conv2", "shared_conv3")  # the layers above the backbone, in order
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpWithDefaults)
     p.add_argument("--weights", required=True, help="a checkpoint written by train.py (e.g. model_s1_best.pt)")
-    p.add_argument("--data_root", default="DL_data")
+    p.add_argument("--data_root", default="DL_data", help="folder of the three datasets")
     p.add_argument("--layer", default="shared_conv3", choices=TRUNK,
                    help="the lowest layer that learns; its input is cached")
     p.add_argument("--fresh", action="store_true", help="re-initialise the layers that learn instead of "
                                                         "starting from the checkpoint's weights")
     p.add_argument("--views", type=int, default=4, help="augmented copies of each training image")
     p.add_argument("--epochs", type=int, default=60, help="passes over the 240 training images (one view each)")
-    p.add_argument("--eval_every", type=int, default=10)
-    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--eval_every", type=int, default=10, help="epochs between two val (and train-view) scores")
+    p.add_argument("--batch_size", type=int, default=32, help="cached views per step")
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (train.py's --lr_det)")
-    p.add_argument("--weight_decay", type=float, default=1e-4)
+    p.add_argument("--weight_decay", type=float, default=1e-4, help="AdamW weight decay")
     p.add_argument("--img_size", type=int, help="input size (default: the checkpoint's detection size)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0, help="the views' augmentation, the fresh layers, the shuffling")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     args = p.parse_args(argv)
     for name in ("views", "epochs", "eval_every", "batch_size"):
         if getattr(args, name) < 1:

@@ -17,15 +17,15 @@ import torch.nn.functional as F
 from datasets import DataError, build_dataset, make_loader
 from eval import load_model
 from models import pick_device
-from train import checkpoint_img_sizes
+from train import HelpWithDefaults, checkpoint_img_sizes
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpWithDefaults)
     p.add_argument("--weights", required=True, help="a checkpoint written by train.py")
-    p.add_argument("--data_root", default="DL_data")
+    p.add_argument("--data_root", default="DL_data", help="folder of the three datasets")
     p.add_argument("--weight_decay", type=float, default=1e-2, help="L2 weight of the logistic regression")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--img_size", type=int, help="input size of the classification images (default: the checkpoint's)")
     return p.parse_args(argv)
 
