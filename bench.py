@@ -50,13 +50,13 @@ MODES = {  # name: (channels_last, cache, teacher_cache, backbone factor in stag
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data_root", default="DL_data")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--backbone", default="efficientnet_lite0")
-    p.add_argument("--img_size", type=int, default=224)
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--replay_batch_size", type=int, default=8)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=train.HelpWithDefaults)
+    p.add_argument("--data_root", default="DL_data", help="folder of the three datasets")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--backbone", default="efficientnet_lite0", help="as train.py's --backbone")
+    p.add_argument("--img_size", type=int, default=224, help="input size of every task")
+    p.add_argument("--batch_size", type=int, default=32, help="images of the stage's own task per step")
+    p.add_argument("--replay_batch_size", type=int, default=8, help="images of each earlier task replayed per step")
     p.add_argument("--stages", default="3", help="comma list of stages to time (1, 2, 3); stage 3 gives speedup=")
     p.add_argument("--modes", default="baseline,default", help=f"comma list of {', '.join(MODES)}")
     p.add_argument("--steps", type=int, default=None, help="time only this many steps per epoch (default: all)")
