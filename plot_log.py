@@ -68,7 +68,7 @@ def load_log(path):
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise LogError(f"{where}: not valid JSON ({e.msg})") from None
-            joint = isinstance(rec, dict) and rec.get("task") == "joint"
+            joint = isinstance(rec, dict) and is_joint(rec)
             if not isinstance(rec, dict) or not (joint or "stage" in rec):
                 raise LogError(f'{where}: expected a JSON object with a "stage" key (or "task": "joint")')
             if not joint and rec["stage"] not in STAGES:

@@ -69,8 +69,8 @@ def table(reports):
     lines += ["", f"Over {len(reports)} runs:", "",
               "| task | metric | baseline, mean (std) | final, mean (std) | final, min-max | drop %, mean (worst) "
               "| MET |", "|---|---|---|---|---|---|---|"]
+    runs = list(reports.values())
     for m in metrics:
-        runs = list(reports.values())
         finals = [r["metrics"][m] for r in runs]
         if m in runs[0]["baselines"]:  # then in every run's (check_comparable)
             drops = [r["drops"][m] for r in runs]
