@@ -1,0 +1,126 @@
+"""Which epoch each stage kept, and how many of its epochs kept the earlier tasks within 5%.
+
+    python log_report.py runs/seed0/training_log.jsonl
+    python log_report.py runs/seed*/training_log.jsonl --stage 3 --last 10
+    python log_report.py runs/seed0/training_log.jsonl --select_window 1   # re-rank the epochs
+
+Reads train.py's training_log.jsonl (every epoch's val scores of every task seen) and prints,
+as Markdown, one row per run and stage: the epoch the stage kept (the "best" flag train.py
+wrote) and its scores with the earlier tasks' drops; how many epochs kept every earlier task
+within 5% of its baseline (the epochs the selection rule prefers), over the stage and over
+its last N epochs; and the mean of every score over the last N epochs, which is steadier
+than a single epoch on 60 val images.
+
+--select_window N re-ranks each stage's epochs with train.selection_key, as train.py would
+have with that flag, and adds the epoch it would have kept. This is exact for the stage
+itself; the later stages in the log still trained from the epoch that was actually kept.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+from metrics import MAX_DROP_PERCENT, PRIMARY_METRIC, drop_percent
+from plot_log import LogError, is_joint, kept_record, load_log
+from train import HelpWithDefaults, selection_key
+
+
+def stage_records(path):
+    """{stage: its epoch records in order}; refuses a joint.py log (no stages, no baselines)."""
+    records = load_log(path)
+    if is_joint(records[0]):
+        raise LogError(f"{path}: a joint.py log has no stages; expected train.py's training_log.jsonl")
+    by_stage = {}
+    for rec in records:
+        by_stage.setdefault(rec["stage"], []).append(rec)
+    return by_stage
+
+
+def within_max_drop(rec):
+    """True when every earlier task's score in this epoch is within 5% of its baseline."""
+    return all(drop_percent(base, rec[metric]) <= MAX_DROP_PERCENT for metric, base in rec["baselines"].items())
+
+
+def rerank(recs, window):
+    """The epoch train.py would keep with --select_window `window`: the same key, the same
+    tie rule (an epoch must beat the best so far strictly)."""
+    best_key, best_epoch, recent = None, None, []
+    for rec in recs:
+        own = rec[PRIMARY_METRIC[rec["task"]]]
+        recent = (recent + [own])[-window:]
+        key = selection_key(rec, rec["task"], rec["baselines"], recent)
+        if best_key is None or key > best_key:
+            best_key, best_epoch = key, rec["epoch"]
+    return best_epoch
+
+
+def scores_at(rec):
+    """'top1 0.8167; mIoU 0.5212 (1.70); ...': the stage's own score, then each earlier task's
+    score with its drop in % of the baseline."""
+    own = PRIMARY_METRIC[rec["task"]]
+    parts = [f"{own} {rec[own]:.4f}"]
+    parts += [f"{metric} {rec[metric]:.4f} ({drop_percent(base, rec[metric]):.2f})"
+              for metric, base in rec["baselines"].items()]
+    return "; ".join(parts)
+
+
+def mean_scores(recs):
+    metrics = [PRIMARY_METRIC[recs[0]["task"]], *recs[0]["baselines"]]
+    return "; ".join(f"{metric} {sum(r[metric] for r in recs) / len(recs):.4f}" for metric in metrics)
+
+
+def report_rows(name, by_stage, last, window=None):
+    rows = []
+    for stage, recs in sorted(by_stage.items()):
+        kept, flagged = kept_record(recs)
+        tail = recs[-last:]
+        row = [name, str(stage), str(kept["epoch"]) if flagged else "none flagged", scores_at(kept)]
+        if window:
+            row.append(str(rerank(recs, window)))
+        if stage > 1:
+            row += [f"{sum(map(within_max_drop, recs))} of {len(recs)}",
+                    f"{sum(map(within_max_drop, tail))} of {len(tail)}"]
+        else:
+            row += ["-", "-"]  # nothing learned before stage 1, nothing to keep
+        row.append(mean_scores(tail))
+        rows.append(row)
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpWithDefaults)
+    parser.add_argument("logs", nargs="+", metavar="LOG", help="training_log.jsonl files written by train.py")
+    parser.add_argument("--stage", type=int, choices=(1, 2, 3), help="report only this stage (default: every stage)")
+    parser.add_argument("--last", type=int, default=10, metavar="N",
+                        help="the last N epochs of a stage: the second count and the means")
+    parser.add_argument("--select_window", type=int, metavar="N",
+                        help="also show the epoch train.py would have kept with this --select_window")
+    args = parser.parse_args(argv)
+    if args.last < 1 or (args.select_window is not None and args.select_window < 1):
+        parser.error("--last and --select_window need a positive number of epochs")
+
+    header = ["run", "stage", "kept epoch", "scores at the kept epoch (drop % of earlier tasks)"]
+    if args.select_window:
+        header.append(f"kept with --select_window {args.select_window}")
+    header += ["epochs within 5%", f"of the last {args.last}", f"mean of the last {args.last} epochs"]
+    rows = []
+    for path in args.logs:
+        try:
+            by_stage = stage_records(path)
+        except LogError as err:
+            print(f"log_report.py: error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+        if args.stage:
+            if args.stage not in by_stage:
+                print(f"log_report.py: error: {path}: no stage {args.stage} epochs in this log", file=sys.stderr)
+                raise SystemExit(2)
+            by_stage = {args.stage: by_stage[args.stage]}
+        rows += report_rows(Path(path).parent.name or path, by_stage, args.last, args.select_window)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    print("\n".join(lines))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""log_report.py on small synthetic training logs, and on a real tiny run's log."""
+import json
+
+import pytest
+import torch
+
+import log_report
+import train
+
+
+def record(stage, epoch, own, best, **earlier):
+    """One epoch of train.py's log: the stage's own score, earlier tasks' scores, baselines."""
+    task = train.STAGES[stage - 1][1]
+    baselines = {"mIoU": 0.50, "mAP_50": 0.10}
+    metrics = {log_report.PRIMARY_METRIC[task]: own, **earlier}
+    return {"stage": stage, "task": task, "epoch": epoch, "epochs": 6, "lr": 1e-3, "losses": {"total": 1.0},
+            **metrics, "baselines": {m: baselines[m] for m in earlier}, "best": best, "time_s": 1.0}
+
+
+def stage3_log(tmp_path):
+    """Stage 3 where the best Top-1 epochs (4-6) lose detection by more than 5%."""
+    rows = [(0.70, 0.500, 0.100), (0.75, 0.495, 0.098), (0.74, 0.490, 0.096),  # within 5%
+            (0.90, 0.490, 0.090), (0.92, 0.490, 0.080), (0.91, 0.470, 0.090)]  # det (or seg) > 5% down
+    run = tmp_path / "seed0"
+    run.mkdir()
+    path = run / "training_log.jsonl"
+    lines = [record(1, 1, 0.50, True)]
+    lines += [record(3, e, top1, e in (1, 2, 3), mIoU=miou, mAP_50=ap)
+              for e, (top1, miou, ap) in enumerate(rows, 1)]
+    path.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    return path
+
+
+def test_counts_epochs_within_5_percent_and_reports_the_kept_epoch(tmp_path, capsys):
+    rows = log_report.main([str(stage3_log(tmp_path)), "--last", "2"])
+    out = capsys.readouterr().out
+    stage1, stage3 = rows
+    assert stage1[:3] == ["seed0", "1", "1"] and stage1[4:6] == ["-", "-"]
+    assert stage3[:3] == ["seed0", "3", "3"]
+    assert stage3[3] == "top1 0.7400; mIoU 0.4900 (2.00); mAP_50 0.0960 (4.00)"
+    assert stage3[4:6] == ["3 of 6", "0 of 2"]  # epochs 4-6 fail; of the last two none is within 5%
+    assert stage3[6] == "top1 0.9150; mIoU 0.4800; mAP_50 0.0850"
+    assert out.count("\n| seed0 |") == 2 and "mean of the last 2 epochs" in out
+
+
+def test_rerank_follows_train_selection_rule(tmp_path):
+    path = stage3_log(tmp_path)
+    recs = log_report.stage_records(path)[3]
+    # epochs within 5% always win; among epochs 1-3 window 1 takes the best single Top-1 (epoch 2),
+    # window 3 the best three-epoch mean (epoch 3: 0.730 against 0.725 and 0.70)
+    assert log_report.rerank(recs, 1) == 2
+    assert log_report.rerank(recs, 3) == 3
+    rows = log_report.main([str(path), "--stage", "3", "--select_window", "1"])
+    assert len(rows) == 1 and rows[0][4] == "2"
+
+
+def test_rerank_agrees_with_the_epochs_a_real_run_kept(demo_root, tmp_path):
+    """A tiny three-stage run: re-ranking its log with its own --select_window gives the epoch of
+    every checkpoint it wrote."""
+    train.main(["--data_root", str(demo_root), "--out_dir", str(tmp_path), "--backbone", "efficientnet_lite0",
+                "--no-pretrained", "--img_size", "64", "--batch_size", "4", "--replay_batch_size", "2",
+                "--epochs_seg", "3", "--epochs_det", "3", "--epochs_cls", "1", "--select_window", "2"])
+    by_stage = log_report.stage_records(tmp_path / "training_log.jsonl")
+    for stage, name in train.CHECKPOINT_NAMES.items():
+        kept = torch.load(tmp_path / name, map_location="cpu", weights_only=False)["epoch"]
+        assert log_report.rerank(by_stage[stage], 2) == kept, stage
+        assert log_report.kept_record(by_stage[stage])[0]["epoch"] == kept, stage
+
+
+def test_bad_logs_are_one_line_errors(tmp_path, capsys):
+    joint_log = tmp_path / "joint_log.jsonl"
+    joint_log.write_text(json.dumps({"task": "joint", "epoch": 1, "tasks": ["seg"], "mIoU": 0.3}) + "\n")
+    for argv, expected in ([str(tmp_path / "missing.jsonl")], "log file not found"), \
+                          ([str(joint_log)], "a joint.py log has no stages"), \
+                          ([str(stage3_log(tmp_path)), "--stage", "2"], "no stage 2 epochs"):
+        with pytest.raises(SystemExit) as err:
+            log_report.main(argv)
+        assert err.value.code == 2
+        message = capsys.readouterr().err.strip()
+        assert expected in message and "\n" not in message
+    with pytest.raises(SystemExit):
+        log_report.main([str(joint_log), "--last", "0"])
