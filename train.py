@@ -691,6 +691,11 @@ def resume_state(out_dir, model, args):
         if saved != getattr(args, flag):
             value = " ".join(f"{w:g}" for w in saved.values()) if isinstance(saved, dict) else saved
             raise ValueError(f"--resume: {path} was trained with --{flag} {value}; pass the same flag")
+    for stage, table in state["args"]["lr_factors"].items():  # a changed factor (or default) would switch recipe too
+        for module, factor in table.items():
+            if args.lr_factors[int(stage)].get(module) != factor:
+                raise ValueError(f"--resume: {path} was trained with --lr_factor {stage} {module} {factor:g}; "
+                                 "pass the same flag")
     model.load_state_dict(state.pop("model"))
     state.pop("args")
     state.pop("epochs_this_run", None)  # counts this invocation's epochs only (--stop_after_epochs)

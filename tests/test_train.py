@@ -346,12 +346,14 @@ def test_cosine_schedule_restarts_in_every_stage(demo_root, tmp_path):
 
 
 @pytest.mark.parametrize("flag, value, saved", [("--lr_schedule", "cosine", "plateau"), ("--ema_decay", "0.9", "0.95"),
-                                               ("--distill_seg_new_images", "2", "4 1")])
+                                               ("--distill_seg_new_images", "2", "4 1"),
+                                               ("--lr_factor", "3 shared_late 0.5",
+                                                f"3 shared_late {train.LR_FACTORS[3]['shared_late']:g}")])
 def test_resume_with_another_recipe_flag_is_a_clear_error(demo_root, tmp_path, flag, value, saved):
     with pytest.raises(SystemExit):
         run_train(demo_root, tmp_path, "--stop_after_epochs", "1")
     with pytest.raises(SystemExit) as exit_info:
-        run_train(demo_root, tmp_path, "--resume", flag, value)
+        run_train(demo_root, tmp_path, "--resume", flag, *value.split())
     assert f"{flag} {saved}" in str(exit_info.value)
 
 
