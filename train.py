@@ -172,6 +172,9 @@ def build_parser(description=__doc__.split("\n\n")[0], sequential=True):
                    help="stages 2-3: also distil segmentation on the new task's own training images (the "
                         "teacher's stride-16 logits, KL at --distill_temp) with weight W (0: off); two values "
                         "give stage 2 and stage 3 their own weights")
+    s.add_argument("--distill_det_new_images", type=float, default=0.0, metavar="W",
+                   help="stage 3: also distil detection's outputs (MSE, as on its replay images) on the new "
+                        "task's own training images with weight W (0: off)")
     # 3: one lucky epoch on 60 images must not become a baseline later stages cannot get back to
     s.add_argument("--select_window", type=int, default=3, metavar="N",
                    help="keep the stage's checkpoint by the mean of its metric over the last N epochs (1: that "
@@ -397,12 +400,13 @@ def setup_logging(out_dir):
 
 # ----------------------------------------------------------------------------- one stage
 def train_one_epoch(model, batches, replay_banks, optimizer, scaler, args, device, amp_dtype, weight_average=None,
-                    teacher=None, seg_new_images_weight=0.0):
+                    teacher=None, seg_new_images_weight=0.0, det_new_images_weight=0.0):
     """One optimiser step per item of `batches`, a dict {task: (images, targets, indices)}: the
     primary task's batch in a sequential stage (plus one replay batch per earlier task), one
     batch of every task in joint training. `weight_average` (make_weight_average) is updated
     after every step. With a `teacher` (the previous stage's frozen model) and a
-    `seg_new_images_weight` > 0, segmentation is distilled on the primary batches' images too.
+    `seg_new_images_weight` > 0, segmentation is distilled on the primary batches' images too
+    (detection likewise with `det_new_images_weight` > 0).
 
     Each loss is backpropagated as soon as it is computed and the gradients add up before the
     step: the same step as one backward of the summed loss, but only one task's graph is held
@@ -422,12 +426,19 @@ def train_one_epoch(model, batches, replay_banks, optimizer, scaler, args, devic
             with autocast():
                 outputs = model(inputs)
                 loss, loss_parts = task_loss(task, outputs, move_targets(targets, device), loss_options[task])
-                if teacher is not None and seg_new_images_weight > 0:  # the replay batches' seg KL
+                if teacher is not None and (seg_new_images_weight > 0 or det_new_images_weight > 0):
+                    # earlier tasks distilled on this batch's images too, with their replay batches' loss
                     with torch.no_grad():
                         teacher_outputs = teacher(inputs)
-                    seg_loss, _ = distillation_loss("seg", outputs, teacher_outputs,
-                                                    {"seg": seg_new_images_weight}, args.distill_temp)
-                    loss, loss_parts = loss + seg_loss, {**loss_parts, "distill_seg_new": seg_loss.detach()}
+                    if seg_new_images_weight > 0:  # seg KL
+                        seg_loss, _ = distillation_loss("seg", outputs, teacher_outputs,
+                                                        {"seg": seg_new_images_weight}, args.distill_temp)
+                        loss, loss_parts = loss + seg_loss, {**loss_parts, "distill_seg_new": seg_loss.detach()}
+                    if det_new_images_weight > 0:  # det output MSE (not the feature MSE)
+                        det_loss, _ = distillation_loss("det", outputs, teacher_outputs,
+                                                        {"det_logits": det_new_images_weight, "det_feature": 0.0},
+                                                        args.distill_temp)
+                        loss, loss_parts = loss + det_loss, {**loss_parts, "distill_det_new": det_loss.detach()}
             scaler.scale(loss).backward()
             total = total + loss.detach()
             parts.update(loss_parts)
@@ -536,6 +547,7 @@ def run_stage(stage, primary, model, data, state, args, device, log):
         state["recent_scores"] = []
 
     seg_new_images_weight = distill_seg_new_images_weight(args, stage, learned)
+    det_new_images_weight = args.distill_det_new_images if "det" in learned else 0.0
     log.info(f"stage {stage}: {primary} for {epochs} epochs, lr {base_lr:g}, distilling {learned or 'nothing'}")
     for epoch in range(start_epoch, epochs + 1):
         started = time.time()
@@ -546,7 +558,7 @@ def run_stage(stage, primary, model, data, state, args, device, log):
         batches = ({primary: batch} for batch in tqdm(loader, desc=f"s{stage} {primary} {epoch}/{epochs}",
                                                       leave=False, disable=None))
         losses = train_one_epoch(model, batches, replay_banks, optimizer, scaler, args, device, amp_dtype,
-                                 weight_average, teacher, seg_new_images_weight)
+                                 weight_average, teacher, seg_new_images_weight, det_new_images_weight)
         metrics = validate(scored, data["val"], seen, args)
         own = metrics[PRIMARY_METRIC[primary]]
         lr = head_lr(optimizer, primary)
@@ -685,7 +697,8 @@ def resume_state(out_dir, model, args):
         raise ValueError(f"--resume: {path} was trained with backbone {state['args']['backbone']} and "
                          f"{describe_sizes(sizes)}; pass the same flags")
     # what runs did before each flag existed: a run resumed under a changed default must not switch recipe
-    before_the_flags = {"lr_schedule": "plateau", "ema_decay": 0.0, "distill_seg_new_images": {2: 0.0, 3: 0.0}}
+    before_the_flags = {"lr_schedule": "plateau", "ema_decay": 0.0, "distill_seg_new_images": {2: 0.0, 3: 0.0},
+                        "distill_det_new_images": 0.0}
     for flag, before_the_flag in before_the_flags.items():
         saved = state["args"].get(flag, before_the_flag)
         if saved != getattr(args, flag):

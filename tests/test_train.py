@@ -137,6 +137,42 @@ def test_a_step_with_a_teacher_distils_segmentation_on_the_primary_images():
     assert "distill_seg_new" not in step(4.0, with_teacher=False)[0]
 
 
+def test_a_step_with_a_teacher_distils_detection_on_the_primary_images():
+    torch.manual_seed(0)
+    model = UnifiedMultiTaskModel("efficientnet_lite0", pretrained=False)
+    teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    with torch.no_grad():
+        teacher.det_head[-1].bias.add_(torch.linspace(-3, 3, 15))  # the teacher now disagrees
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    batch = {"cls": (images, torch.tensor([1, 7]), None)}
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+
+    def step(weight):
+        student = copy.deepcopy(model)
+        optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
+        losses = train.train_one_epoch(student, [batch], {}, optimizer, scaler, train.parse_args([]),
+                                       torch.device("cpu"), None, teacher=teacher, seg_new_images_weight=0.0,
+                                       det_new_images_weight=weight)
+        return losses, student
+
+    off, _ = step(0.0)
+    assert "distill_det_new" not in off and "distill_seg_new" not in off
+    on, student = step(5.0)
+    with torch.no_grad():  # the replay batches' detection output MSE, on the primary images, at weight 5
+        expected, _ = distillation_loss("det", copy.deepcopy(model)(model.prepare_input(images)),
+                                        teacher(teacher.prepare_input(images)),
+                                        {"det_logits": 5.0, "det_feature": 0.0}, temperature=2.0)
+    assert on["distill_det_new"] > 1e-3 and on["distill_det_new"] == pytest.approx(expected.item(), rel=1e-4)
+    assert on["total"] == pytest.approx(off["total"] + on["distill_det_new"], rel=1e-4)
+    assert not torch.equal(student.det_head[-1].bias, model.det_head[-1].bias), "the det head is pulled"
+
+
+def test_detection_is_distilled_on_new_images_only_once_it_was_learned(demo_root, tmp_path):
+    run_train(demo_root, tmp_path, "--distill_det_new_images", "5")
+    records = [json.loads(line) for line in (tmp_path / "training_log.jsonl").read_text().splitlines()]
+    assert [("distill_det_new" in r["losses"]) for r in records] == [False, False, True]  # stages 1, 2, 3
+
+
 def test_distill_seg_new_images_takes_one_weight_or_one_per_stage():
     assert train.parse_args([]).distill_seg_new_images == {2: 4.0, 3: 1.0}, "the default: 4 in stage 2, 1 in stage 3"
     assert train.parse_args(["--distill_seg_new_images", "0"]).distill_seg_new_images == {2: 0.0, 3: 0.0}
