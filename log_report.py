@@ -19,9 +19,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from metrics import MAX_DROP_PERCENT, PRIMARY_METRIC, drop_percent
-from plot_log import LogError, is_joint, kept_record, load_log
-from train import HelpWithDefaults, selection_key
+from metrics import PRIMARY_METRIC, drop_percent
+from plot_log import LogError, group_by_stage, is_joint, kept_record, load_log
+from train import HelpWithDefaults, selection_key, within_max_drop
 
 
 def stage_records(path):
@@ -29,15 +29,12 @@ def stage_records(path):
     records = load_log(path)
     if is_joint(records[0]):
         raise LogError(f"{path}: a joint.py log has no stages; expected train.py's training_log.jsonl")
-    by_stage = {}
-    for rec in records:
-        by_stage.setdefault(rec["stage"], []).append(rec)
-    return by_stage
+    return group_by_stage(records)
 
 
-def within_max_drop(rec):
-    """True when every earlier task's score in this epoch is within 5% of its baseline."""
-    return all(drop_percent(base, rec[metric]) <= MAX_DROP_PERCENT for metric, base in rec["baselines"].items())
+def epochs_within_max_drop(recs):
+    """How many of these epochs kept every earlier task within 5% of its baseline."""
+    return sum(within_max_drop(rec, rec["baselines"]) for rec in recs)
 
 
 def rerank(recs, window):
@@ -77,8 +74,7 @@ def report_rows(name, by_stage, last, window=None):
         if window:
             row.append(str(rerank(recs, window)))
         if stage > 1:
-            row += [f"{sum(map(within_max_drop, recs))} of {len(recs)}",
-                    f"{sum(map(within_max_drop, tail))} of {len(tail)}"]
+            row += [f"{epochs_within_max_drop(recs)} of {len(recs)}", f"{epochs_within_max_drop(tail)} of {len(tail)}"]
         else:
             row += ["-", "-"]  # nothing learned before stage 1, nothing to keep
         row.append(mean_scores(tail))

@@ -83,6 +83,14 @@ def load_log(path):
     return [records[k] for k in sorted(records)]
 
 
+def group_by_stage(records):
+    """{stage: its records in epoch order} for a train.py log as load_log returns it."""
+    by_stage = {}
+    for rec in records:
+        by_stage.setdefault(rec["stage"], []).append(rec)
+    return by_stage
+
+
 def is_joint(rec):
     return rec.get("task") == "joint"
 
@@ -242,9 +250,7 @@ def main(argv=None):
         print(path)
         return [path]
 
-    by_stage = {}
-    for r in records:
-        by_stage.setdefault(r["stage"], []).append(r)
+    by_stage = group_by_stage(records)
     written = []
     for stage, recs in sorted(by_stage.items()):
         path = os.path.join(args.out_dir, f"stage{stage}_{STAGES[stage][1].lower()}_metrics.png")

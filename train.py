@@ -371,13 +371,18 @@ def checkpoint_img_sizes(ckpt):
     return dict(ckpt["img_sizes"]) if ckpt.get("img_sizes") else dict.fromkeys(TASKS, ckpt["img_size"])
 
 
+def within_max_drop(metrics, baselines):
+    """True when every task in `baselines` scores within 5% of its baseline in `metrics`."""
+    return all(drop_percent(baselines[m], metrics[m]) <= MAX_DROP_PERCENT for m in baselines)
+
+
 def selection_key(metrics, primary, baselines, recent_scores=None):
     """Stage's own metric, but an epoch that kept every earlier task within 5% always wins.
 
     With `recent_scores` (the own metric of this and the previous epochs) the own metric is
     their mean, so one lucky epoch on 60 images does not become the stage's checkpoint and
     a baseline that later stages cannot get back to (--select_window)."""
-    kept = all(drop_percent(baselines[m], metrics[m]) <= MAX_DROP_PERCENT for m in baselines)
+    kept = within_max_drop(metrics, baselines)
     own = sum(recent_scores) / len(recent_scores) if recent_scores else metrics[PRIMARY_METRIC[primary]]
     return (kept, own)
 
