@@ -13,7 +13,8 @@ Modes (each one adds a single optimisation to the previous, so the table is an a
                     0.005, so autograd skips it (stage 1 is unchanged)
     +keep_freed_memory  glibc keeps freed memory instead of returning it to the OS
                     (train.keep_freed_memory; the modes before it use glibc's own limits)
-    default         + bf16 autocast where the device has native bf16 (what train.py does)
+    default         + bf16 autocast where the device has native bf16, and train.py's own
+                    backbone factors (frozen in stage 2, 0.1 in stage 3): what train.py does
 
 Throughput counts primary-task training images per second of a whole epoch (240 images,
 replay batches and distillation included). Every mode does train.py's default step: the
@@ -38,14 +39,14 @@ from metrics import evaluate
 from models import UnifiedMultiTaskModel, pick_device
 from replay import ReplayBank
 
-MODES = {  # name: (channels_last, cache, teacher_cache, backbone factor in stages 2-3, keep freed memory, amp)
+MODES = {  # name: (channels_last, cache, teacher_cache, backbone factor in stages 2-3 (None: train.py's), keep freed memory, amp)
     "baseline": (False, False, False, train.REFERENCE_BACKBONE_FACTOR, False, "off"),
     "+channels_last": (True, False, False, train.REFERENCE_BACKBONE_FACTOR, False, "off"),
     "+cache": (True, True, False, train.REFERENCE_BACKBONE_FACTOR, False, "off"),
     "+teacher_cache": (True, True, True, train.REFERENCE_BACKBONE_FACTOR, False, "off"),
     "+frozen_backbone": (True, True, True, 0.0, False, "off"),
     "+keep_freed_memory": (True, True, True, 0.0, True, "off"),
-    "default": (True, True, True, 0.0, True, "auto"),
+    "default": (True, True, True, None, True, "auto"),
 }
 
 
@@ -100,7 +101,9 @@ def time_stage_epoch(stage, mode, args, device, data_cache):
     synchronize(device)
     setup += time.perf_counter() - started
 
-    factors = train.LR_FACTORS[1] if stage == 1 else {**train.LR_FACTORS[stage], "backbone": backbone_factor}
+    factors = dict(train.LR_FACTORS[stage])
+    if stage > 1 and backbone_factor is not None:
+        factors["backbone"] = backbone_factor
     optimizer = torch.optim.AdamW(train.parameter_groups(model, [primary], learned, factors, 1e-4))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     train.set_train_mode(model, primary, learned)

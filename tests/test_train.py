@@ -76,6 +76,12 @@ def test_parameter_groups_cover_every_parameter_once():
     groups = train.parameter_groups(model, ["seg"], [], train.LR_FACTORS[1], base_lr=1e-3)
     assert {g["name"] for g in groups} >= {"backbone", "seg_head"}
     assert all(p.requires_grad for p in model.backbone.parameters())
+    # Stage 3's table lets the backbone learn at stage 1's factor (RESULTS.md, session 25), its
+    # BatchNorm statistics staying ImageNet's.
+    lr = {g["name"]: g["lr"] for g in train.parameter_groups(model, ["cls"], ["seg", "det"], train.LR_FACTORS[3], 1e-3)}
+    assert lr["backbone"] == pytest.approx(1e-3 * train.LR_FACTORS[1]["backbone"]) and lr["backbone"] > 0
+    train.set_train_mode(model, "cls", ["seg", "det"])
+    assert not any(m.training for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
 
 
 def test_batchnorm_statistics_of_learned_tasks_stay_frozen():
