@@ -14,7 +14,7 @@ Modes (each one adds a single optimisation to the previous, so the table is an a
     +keep_freed_memory  glibc keeps freed memory instead of returning it to the OS
                     (train.keep_freed_memory; the modes before it use glibc's own limits)
     default         + bf16 autocast where the device has native bf16, with train.py's own
-                    factor table (the backbone frozen in stages 2-3): what train.py does
+                    factor table (train.LR_FACTORS), so it times what train.py does
 
 Throughput counts primary-task training images per second of a whole epoch (240 images,
 replay batches and distillation included). Every mode does train.py's default step: the
