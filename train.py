@@ -54,19 +54,22 @@ CHECKPOINT_NAMES = {1: "model_s1_best.pt", 2: "model_s2_best.pt", 3: "model_fina
 # backbone separates the Imagenette classes far better than what segmentation left in them
 # (probe.py), and it raised Top-1 from about 0.73 to 0.83 at 224 px while every task stayed
 # within 5% (with --select_window 3; RESULTS.md). Stage 2 that plastic cost seg up to 13%.
-# A learning stage-3 backbone (--lr_factor 3 backbone 0.1) raised the kept Top-1 from 0.771 to
-# 0.838 over four paired seeds, but makes stage 3 2.4x slower and bench.py's speedup 1.79
-# (issue 6 asks >= 3): an option, not the default (RESULTS.md, session 25).
+# Stage 3 also lets the backbone's stride-32 blocks learn (backbone_late): over four paired
+# seeds the kept Top-1 rose from 0.771 to 0.808 and every mean final score with it, for a 1.35x
+# slower stage 3 (bench.py speedup 3.70). The whole backbone learning (--lr_factor 3 backbone
+# 0.1) gave 0.838 but a 2.4x slower stage 3 and speedup 1.79, under issue 6's floor of 3
+# (RESULTS.md, sessions 25-26).
 REFERENCE_BACKBONE_FACTOR = 0.005
 LR_FACTORS = {
-    1: {"backbone": 0.1, "neck": 1.0, "shared_early": 1.0, "shared_mid": 1.0, "shared_late": 1.0,
-        "task_head": 1.0, "distill_head": 1.0},
-    2: {"backbone": 0.0, "neck": 0.01, "shared_early": 0.01, "shared_mid": 0.05, "shared_late": 1.0,
-        "task_head": 1.0, "distill_head": 0.2},
-    3: {"backbone": 0.0, "neck": 0.1, "shared_early": 0.1, "shared_mid": 0.3, "shared_late": 1.0,
-        "task_head": 1.0, "distill_head": 0.2},
+    1: {"backbone_early": 0.1, "backbone_late": 0.1, "neck": 1.0, "shared_early": 1.0, "shared_mid": 1.0,
+        "shared_late": 1.0, "task_head": 1.0, "distill_head": 1.0},
+    2: {"backbone_early": 0.0, "backbone_late": 0.0, "neck": 0.01, "shared_early": 0.01, "shared_mid": 0.05,
+        "shared_late": 1.0, "task_head": 1.0, "distill_head": 0.2},
+    3: {"backbone_early": 0.0, "backbone_late": 0.1, "neck": 0.1, "shared_early": 0.1, "shared_mid": 0.3,
+        "shared_late": 1.0, "task_head": 1.0, "distill_head": 0.2},
 }
 MODULES = tuple(LR_FACTORS[1])
+BACKBONE_MODULES = ("backbone_early", "backbone_late")  # `--lr_factor STAGE backbone V` sets both
 # Input size of each task's images (square, pixels); the network is fully convolutional, so one
 # model serves every size. Seg at 416: over three seeds final mIoU 0.490 against 0.463 at 320
 # (RESULTS.md), at about 1.25x the run time. Det at 320, not 224: half the boxes are smaller
@@ -213,15 +216,17 @@ def parse_args(argv=None, parser=None):
         p.error(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
     args.lr_factors = {stage: dict(table) for stage, table in LR_FACTORS.items()}
     for stage, module, value in args.lr_factor:
-        if stage not in map(str, LR_FACTORS) or module not in MODULES:
+        if stage not in map(str, LR_FACTORS) or module not in (*MODULES, "backbone"):
             p.error(f"--lr_factor {stage} {module} {value}: expected STAGE 1, 2 or 3 and MODULE one of "
-                    f"{', '.join(MODULES)}")
+                    f"{', '.join(MODULES)} (or backbone: both backbone parts)")
         try:
-            args.lr_factors[int(stage)][module] = float(value)
+            factor = float(value)
         except ValueError:
             p.error(f"--lr_factor {stage} {module} {value}: VALUE must be a number")
-        if args.lr_factors[int(stage)][module] < 0:
+        if factor < 0:
             p.error(f"--lr_factor {stage} {module} {value}: VALUE must be >= 0")
+        for name in BACKBONE_MODULES if module == "backbone" else (module,):
+            args.lr_factors[int(stage)][name] = factor
     args.img_sizes = {}
     for task in TASKS:  # --img_size_TASK, else --img_size, else the task's default
         flag = f"img_size_{task}" if getattr(args, f"img_size_{task}") is not None else "img_size"
@@ -296,14 +301,18 @@ def parameter_groups(model, primaries, learned, factors, base_lr):
     Heads: the primary tasks' (one in a sequential stage, all three in joint.py) get
     `task_head`, heads of earlier (distilled) tasks get `distill_head`, heads of tasks not
     learned yet get 0. A module whose factor is 0 is
-    frozen (requires_grad off), so autograd skips it: with the backbone frozen in stages 2-3
-    a CPU training step is about 3x faster, and a frozen backbone cannot forget."""
+    frozen (requires_grad off), so autograd skips it: with the backbone frozen in stage 2 a
+    CPU training step is about 3x faster, and a frozen backbone cannot forget. The backbone is
+    two modules, up to stride 16 (what the neck taps) and the stride-32 blocks, so stage 3 can
+    let the cheap, low-resolution part learn alone."""
     def head_factor(task):
         if task in primaries:
             return factors["task_head"]
         return factors["distill_head"] if task in learned else 0.0
 
-    modules = {"backbone": (model.backbone, factors["backbone"]), "neck": (model.neck, factors["neck"]),
+    modules = {"backbone_early": (model.backbone.to_s16, factors["backbone_early"]),
+               "backbone_late": (model.backbone.to_s32, factors["backbone_late"]),
+               "neck": (model.neck, factors["neck"]),
                "shared_early": (model.shared_conv1, factors["shared_early"]),
                "shared_mid": (model.shared_conv2, factors["shared_mid"]),
                "shared_late": (model.shared_conv3, factors["shared_late"])}
@@ -637,7 +646,8 @@ def main(argv=None):
         apply_demo_settings(args)
     if args.baseline_mode:  # the reference's recipe, executed the straightforward way
         args.amp = "off"
-        args.lr_factors[2]["backbone"] = args.lr_factors[3]["backbone"] = REFERENCE_BACKBONE_FACTOR
+        for stage in (2, 3):
+            args.lr_factors[stage].update(dict.fromkeys(BACKBONE_MODULES, REFERENCE_BACKBONE_FACTOR))
     keep_freed_memory(not args.baseline_mode)
     out_dir = Path(args.out_dir)
     if not args.resume:
@@ -713,6 +723,9 @@ def resume_state(out_dir, model, args):
             value = " ".join(f"{w:g}" for w in saved.values()) if isinstance(saved, dict) else saved
             raise ValueError(f"--resume: {path} was trained with --{flag} {value}; pass the same flag")
     for stage, table in state["args"]["lr_factors"].items():  # a changed factor (or default) would switch recipe too
+        if "backbone" in table:  # saved before the backbone was split in two parts (session 26)
+            table = {**dict.fromkeys(BACKBONE_MODULES, table["backbone"]), **table}
+            del table["backbone"]
         for module, factor in table.items():
             if args.lr_factors[int(stage)].get(module) != factor:
                 raise ValueError(f"--resume: {path} was trained with --lr_factor {stage} {module} {factor:g}; "

@@ -69,20 +69,24 @@ def test_parameter_groups_cover_every_parameter_once():
     assert lr["det_head"] == pytest.approx(1e-3 * train.LR_FACTORS[2]["task_head"])
     assert lr["seg_head"] == pytest.approx(1e-3 * train.LR_FACTORS[2]["distill_head"])
     # Factor 0 freezes: the default table freezes the backbone; a task not learned yet is not trained.
-    assert "backbone" not in lr and "cls_head" not in lr
+    assert not set(train.BACKBONE_MODULES) & set(lr) and "cls_head" not in lr
     assert not any(p.requires_grad for p in model.backbone.parameters())
     assert not any(p.requires_grad for p in model.cls_head.parameters())
     # Stage 1's table trains the backbone again: freezing is per stage, not permanent.
     groups = train.parameter_groups(model, ["seg"], [], train.LR_FACTORS[1], base_lr=1e-3)
-    assert {g["name"] for g in groups} >= {"backbone", "seg_head"}
+    assert {g["name"] for g in groups} >= {*train.BACKBONE_MODULES, "seg_head"}
     assert all(p.requires_grad for p in model.backbone.parameters())
-    # The learning stage-3 backbone option (RESULTS.md, session 25): it gets its group and LR,
-    # and its BatchNorm statistics stay ImageNet's.
+    # The learning stage-3 backbone option (RESULTS.md, session 25): `backbone` sets both parts,
+    # each gets its group and LR, and the BatchNorm statistics stay ImageNet's.
     factors = train.parse_args(["--lr_factor", "3", "backbone", "0.1"]).lr_factors[3]
     lr = {g["name"]: g["lr"] for g in train.parameter_groups(model, ["cls"], ["seg", "det"], factors, 1e-3)}
-    assert lr["backbone"] == pytest.approx(1e-4)
+    assert lr["backbone_early"] == lr["backbone_late"] == pytest.approx(1e-4)
     train.set_train_mode(model, "cls", ["seg", "det"])
     assert not any(m.training for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    # The default stage 3 (RESULTS.md, session 26): only the stride-32 blocks learn.
+    train.parameter_groups(model, ["cls"], ["seg", "det"], train.LR_FACTORS[3], 1e-3)
+    assert all(p.requires_grad for p in model.backbone.to_s32.parameters())
+    assert not any(p.requires_grad for p in model.backbone.to_s16.parameters())
 
 
 def test_batchnorm_statistics_of_learned_tasks_stay_frozen():
@@ -359,7 +363,8 @@ def test_each_task_trains_and_validates_at_its_own_size(tiny_run, demo_root, tmp
 
 def test_lr_factor_overrides_one_entry_of_one_stage():
     args = train.parse_args(["--lr_factor", "3", "neck", "0.5", "--lr_factor", "1", "backbone", "0"])
-    assert args.lr_factors[3]["neck"] == 0.5 and args.lr_factors[1]["backbone"] == 0.0
+    assert args.lr_factors[3]["neck"] == 0.5
+    assert args.lr_factors[1]["backbone_early"] == args.lr_factors[1]["backbone_late"] == 0.0, "backbone: both parts"
     assert args.lr_factors[2] == train.LR_FACTORS[2], "other stages keep their defaults"
     assert train.LR_FACTORS[3]["neck"] != 0.5, "the module-level table is not modified"
 
@@ -398,6 +403,23 @@ def test_resume_with_another_recipe_flag_is_a_clear_error(demo_root, tmp_path, f
     with pytest.raises(SystemExit) as exit_info:
         run_train(demo_root, tmp_path, "--resume", flag, *value.split())
     assert f"{flag} {saved}" in str(exit_info.value)
+
+
+def test_resume_of_a_run_saved_before_the_backbone_split_keeps_its_recipe(demo_root, tmp_path):
+    # Runs before session 26 saved one "backbone" factor (0 in stage 3, where the default now
+    # lets the stride-32 blocks learn): resuming one reads it as both parts and stops at the change.
+    with pytest.raises(SystemExit):
+        run_train(demo_root, tmp_path, "--stop_after_epochs", "1")
+    state = torch.load(tmp_path / "last.pt", weights_only=False)
+    for table in state["args"]["lr_factors"].values():
+        table["backbone"] = table.pop("backbone_early")
+        del table["backbone_late"]
+    state["args"]["lr_factors"][3]["backbone"] = 0.0
+    torch.save(state, tmp_path / "last.pt")
+    with pytest.raises(SystemExit) as exit_info:
+        run_train(demo_root, tmp_path, "--resume")
+    assert "--lr_factor 3 backbone_late 0" in str(exit_info.value)
+    run_train(demo_root, tmp_path, "--resume", "--lr_factor", "3", "backbone", "0")  # the old recipe goes on
 
 
 def test_weight_average_is_an_exponential_moving_average_of_the_weights():
