@@ -134,8 +134,8 @@ def build_parser(description=__doc__.split("\n\n")[0], sequential=True):
     p.add_argument("--weight_decay", type=float, default=1e-4, help="AdamW weight decay")
     p.add_argument("--lr_factor", nargs=3, action="append", default=[], metavar=("STAGE", "MODULE", "VALUE"),
                    help=f"override one entry of the LR factor table (x the stage's --lr_*; 0 freezes), e.g. "
-                        f"--lr_factor 3 neck 0.05; repeatable. MODULE: {', '.join(MODULES)}. "
-                        f"Defaults: {LR_FACTORS}")
+                        f"--lr_factor 3 neck 0.05; repeatable. MODULE: {', '.join(MODULES)}, or backbone (both "
+                        f"backbone parts). Defaults: {LR_FACTORS}")
     p.add_argument("--det_assign", default="region", choices=("region", "center"),
                    help="detection target assignment: region (FCOS-style) or center (reference-style ablation)")
     p.add_argument("--det_objectness", default="binary", choices=("binary", "iou"),
