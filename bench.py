@@ -14,8 +14,8 @@ Modes (each one adds a single optimisation to the previous, so the table is an a
     +keep_freed_memory  glibc keeps freed memory instead of returning it to the OS
                     (train.keep_freed_memory; the modes before it use glibc's own limits)
     default         + bf16 autocast where the device has native bf16, with train.py's own
-                    factor table (train.LR_FACTORS), so it times what train.py does (its
-                    stage 3 lets the backbone's stride-32 blocks learn again)
+                    factor table (train.LR_FACTORS), so it times what train.py does (since
+                    session 26 its stage 3 lets the backbone's stride-32 blocks learn)
 
 Throughput counts primary-task training images per second of a whole epoch (240 images,
 replay batches and distillation included). Every mode does train.py's default step: the
@@ -104,7 +104,7 @@ def time_stage_epoch(stage, mode, args, device, data_cache):
 
     factors = dict(train.LR_FACTORS[stage])
     if stage > 1 and backbone_factor is not None:
-        factors.update(dict.fromkeys(train.BACKBONE_MODULES, backbone_factor))
+        train.set_factor(factors, "backbone", backbone_factor)
     optimizer = torch.optim.AdamW(train.parameter_groups(model, [primary], learned, factors, 1e-4))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     train.set_train_mode(model, primary, learned)

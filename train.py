@@ -48,8 +48,8 @@ CHECKPOINT_NAMES = {1: "model_s1_best.pt", 2: "model_s2_best.pt", 3: "model_fina
 # Learning-rate factors (x the stage's base LR) of each module, per stage; override one entry
 # with --lr_factor STAGE MODULE VALUE. Stage 1 has nothing to preserve: everything learns,
 # the ImageNet backbone slowly. Stages 2-3 use the reference README's table, except the
-# backbone: 0 (frozen) instead of 0.005, which at its 1e-4 base LR was a 5e-7 learning rate,
-# frozen in all but cost; frozen, autograd skips the backbone entirely.
+# backbone: 0 (frozen; stage 3's stride-32 blocks learn, below) instead of 0.005, which at
+# its 1e-4 base LR was a 5e-7 learning rate, frozen in all but cost; frozen, autograd skips it.
 # Stage 3 lets the neck and early/mid shared convs learn 10x faster than stage 2: the
 # backbone separates the Imagenette classes far better than what segmentation left in them
 # (probe.py), and it raised Top-1 from about 0.73 to 0.83 at 224 px while every task stayed
@@ -69,7 +69,7 @@ LR_FACTORS = {
         "shared_late": 1.0, "task_head": 1.0, "distill_head": 0.2},
 }
 MODULES = tuple(LR_FACTORS[1])
-BACKBONE_MODULES = ("backbone_early", "backbone_late")  # `--lr_factor STAGE backbone V` sets both
+BACKBONE_MODULES = ("backbone_early", "backbone_late")
 # Input size of each task's images (square, pixels); the network is fully convolutional, so one
 # model serves every size. Seg at 416: over three seeds final mIoU 0.490 against 0.463 at 320
 # (RESULTS.md), at about 1.25x the run time. Det at 320, not 224: half the boxes are smaller
@@ -198,6 +198,12 @@ def build_parser(description=__doc__.split("\n\n")[0], sequential=True):
     return p
 
 
+def set_factor(table, module, factor):
+    """One entry of a factor table; `backbone` (the single entry before session 26) sets both parts."""
+    for name in BACKBONE_MODULES if module == "backbone" else (module,):
+        table[name] = factor
+
+
 def parse_args(argv=None, parser=None):
     p = parser or build_parser()
     args = p.parse_args(argv)
@@ -225,8 +231,7 @@ def parse_args(argv=None, parser=None):
             p.error(f"--lr_factor {stage} {module} {value}: VALUE must be a number")
         if factor < 0:
             p.error(f"--lr_factor {stage} {module} {value}: VALUE must be >= 0")
-        for name in BACKBONE_MODULES if module == "backbone" else (module,):
-            args.lr_factors[int(stage)][name] = factor
+        set_factor(args.lr_factors[int(stage)], module, factor)
     args.img_sizes = {}
     for task in TASKS:  # --img_size_TASK, else --img_size, else the task's default
         flag = f"img_size_{task}" if getattr(args, f"img_size_{task}") is not None else "img_size"
@@ -647,7 +652,7 @@ def main(argv=None):
     if args.baseline_mode:  # the reference's recipe, executed the straightforward way
         args.amp = "off"
         for stage in (2, 3):
-            args.lr_factors[stage].update(dict.fromkeys(BACKBONE_MODULES, REFERENCE_BACKBONE_FACTOR))
+            set_factor(args.lr_factors[stage], "backbone", REFERENCE_BACKBONE_FACTOR)
     keep_freed_memory(not args.baseline_mode)
     out_dir = Path(args.out_dir)
     if not args.resume:
@@ -723,10 +728,10 @@ def resume_state(out_dir, model, args):
             value = " ".join(f"{w:g}" for w in saved.values()) if isinstance(saved, dict) else saved
             raise ValueError(f"--resume: {path} was trained with --{flag} {value}; pass the same flag")
     for stage, table in state["args"]["lr_factors"].items():  # a changed factor (or default) would switch recipe too
-        if "backbone" in table:  # saved before the backbone was split in two parts (session 26)
-            table = {**dict.fromkeys(BACKBONE_MODULES, table["backbone"]), **table}
-            del table["backbone"]
-        for module, factor in table.items():
+        saved = {}
+        for module, factor in table.items():  # a run saved before session 26 has one backbone factor
+            set_factor(saved, module, factor)
+        for module, factor in saved.items():
             if args.lr_factors[int(stage)].get(module) != factor:
                 raise ValueError(f"--resume: {path} was trained with --lr_factor {stage} {module} {factor:g}; "
                                  "pass the same flag")
