@@ -100,6 +100,18 @@ def train_augmentation(task=None, color_jitter=True, scale_jitter=None):
     return v2.Compose(ops)
 
 
+def classification_batch_mixing(mixup_alpha, cutmix_alpha, num_classes):
+    """MixUp and / or CutMix on a whole classification batch (images, integer labels) -> (mixed
+    images, soft labels (N, num_classes)); each batch gets one of the two when both are on.
+    None when both alphas are 0. Applied to the float batch the model sees, after
+    prepare_input: a blend of normalised images is the normalised blend."""
+    mixes = [mix(alpha=alpha, num_classes=num_classes)
+             for mix, alpha in ((v2.MixUp, mixup_alpha), (v2.CutMix, cutmix_alpha)) if alpha > 0]
+    if not mixes:
+        return None
+    return mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
+
+
 class TaskDataset(Dataset):
     """Shared machinery: decode + resize once (or per access), optional augmentation.
 

@@ -36,7 +36,8 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from datasets import TASK_NAMES, TASKS, DataError, build_dataset, make_loader, train_augmentation
+from datasets import (TASK_NAMES, TASKS, DataError, build_dataset, classification_batch_mixing, make_loader,
+                      train_augmentation)
 from losses import distillation_loss, task_loss
 from metrics import MAX_DROP_PERCENT, PRIMARY_METRIC, drop_percent, evaluate
 from models import BACKBONES, PretrainedWeightsError, UnifiedMultiTaskModel, count_trainable_parameters, pick_device
@@ -142,6 +143,12 @@ def build_parser(description=__doc__.split("\n\n")[0], sequential=True):
                    help="objectness target of a positive cell: 1, or the IoU of its own box (YOLOv5-style)")
     p.add_argument("--label_smoothing", type=float, default=0.0, metavar="EPS",
                    help="classification loss: cross-entropy with this label smoothing (0: none)")
+    p.add_argument("--cls_mixup", type=float, default=0.0, metavar="ALPHA",
+                   help="classification batches: MixUp (blend image pairs and their labels) with Beta(ALPHA, ALPHA) "
+                        "weights; 0: off. With --cls_cutmix too, each batch gets one of the two")
+    p.add_argument("--cls_cutmix", type=float, default=0.0, metavar="ALPHA",
+                   help="classification batches: CutMix (paste a box of another image, labels mixed by area) with "
+                        "Beta(ALPHA, ALPHA) areas; 0: off")
     p.add_argument("--seg_scale_jitter", type=scale_range, default="off", metavar="MIN,MAX",
                    help="segmentation training: random zoom between MIN and MAX with a small shift; 'off' disables it")
     p.add_argument("--det_scale_jitter", type=scale_range, default="0.5,1.5", metavar="MIN,MAX",
@@ -212,6 +219,9 @@ def parse_args(argv=None, parser=None):
             p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if not 0 <= args.label_smoothing < 1:
         p.error(f"--label_smoothing must be in [0, 1), got {args.label_smoothing}")
+    for name in ("cls_mixup", "cls_cutmix"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name} must be >= 0 (0: off), got {getattr(args, name)}")
     if "distill_seg_new_images" in args:
         weights = args.distill_seg_new_images
         if len(weights) > 2 or min(weights) < 0:
@@ -438,16 +448,19 @@ def train_one_epoch(model, batches, replay_banks, optimizer, scaler, args, devic
                "det_feature": args.distill_weight_det_feature, "cls": args.distill_weight_cls} if replay_banks else {}
     loss_options = {"seg": {}, "det": {"mode": args.det_assign, "objectness": args.det_objectness},
                     "cls": {"label_smoothing": args.label_smoothing}}
+    cls_mixing = classification_batch_mixing(args.cls_mixup, args.cls_cutmix, model.cls_head.out_features)
     autocast = functools.partial(torch.autocast, device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     sums, steps = {}, 0
     for step_batches in batches:
         optimizer.zero_grad(set_to_none=True)
         total, parts = 0.0, {}
         for task, (images, targets, _) in step_batches.items():
-            inputs = model.prepare_input(images)
+            inputs, targets = model.prepare_input(images), move_targets(targets, device)
+            if task == "cls" and cls_mixing is not None:
+                inputs, targets = cls_mixing(inputs, targets)
             with autocast():
                 outputs = model(inputs)
-                loss, loss_parts = task_loss(task, outputs, move_targets(targets, device), loss_options[task])
+                loss, loss_parts = task_loss(task, outputs, targets, loss_options[task])
                 if teacher is not None and (seg_new_images_weight > 0 or det_new_images_weight > 0):
                     # earlier tasks distilled on this batch's images too, with their replay batches' loss
                     with torch.no_grad():

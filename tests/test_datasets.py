@@ -628,3 +628,38 @@ def test_scale_jitter_drops_boxes_pushed_out_with_their_labels():
         assert out["labels"].tolist() == [7] and out["iscrowd"].tolist() == [0]
         x1, y1, x2, y2 = out["boxes"].as_subclass(torch.Tensor)[0].tolist()
         assert x2 - x1 == pytest.approx(48, abs=1e-3) and y2 - y1 == pytest.approx(48, abs=1e-3)
+
+
+def test_classification_batch_mixing_is_off_at_zero_alphas():
+    assert datasets.classification_batch_mixing(0.0, 0.0, 10) is None
+
+
+def test_cutmix_labels_weigh_each_image_by_the_area_it_keeps():
+    torch.manual_seed(0)
+    # every image one constant value, so each pixel says which image it came from
+    images = torch.arange(4, dtype=torch.float32).view(4, 1, 1, 1).expand(4, 3, 32, 32).contiguous()
+    labels = torch.tensor([0, 1, 2, 3])
+    mixing = datasets.classification_batch_mixing(0.0, 1.0, 10)
+    for _ in range(5):
+        mixed, soft = mixing(images, labels)
+        assert soft.shape == (4, 10) and torch.allclose(soft.sum(1), torch.ones(4))
+        for i in range(4):
+            kept = (mixed[i, 0] == i).float().mean()
+            assert soft[i, i].item() == pytest.approx(kept.item(), abs=1e-6)
+            pasted = mixed[i, 0][mixed[i, 0] != i].unique()
+            assert len(pasted) <= 1, "one other image is pasted in"
+            if len(pasted):
+                assert soft[i, int(pasted)].item() == pytest.approx(1 - kept.item(), abs=1e-6)
+
+
+def test_mixup_blends_images_and_labels_with_the_same_weight():
+    torch.manual_seed(0)
+    images = torch.arange(4, dtype=torch.float32).view(4, 1, 1, 1).expand(4, 3, 8, 8).contiguous()
+    labels = torch.tensor([0, 1, 2, 3])
+    mixed, soft = datasets.classification_batch_mixing(0.2, 0.0, 10)(images, labels)
+    for i in range(4):
+        value = mixed[i].unique()
+        assert len(value) == 1, "a blend is uniform over the image"
+        # image i holds the value i, so the blend's value is the label-weighted mean of the indices
+        assert value.item() == pytest.approx((soft[i, :4] * torch.arange(4.0)).sum().item(), abs=1e-5)
+    assert (soft.max(1).values < 1).any(), "some pair is actually blended"

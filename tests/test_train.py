@@ -10,6 +10,7 @@ from torchvision.transforms import v2
 import eval as eval_script
 import joint
 import train
+from datasets import classification_batch_mixing
 from losses import distillation_loss, task_loss
 from models import UnifiedMultiTaskModel
 
@@ -226,6 +227,28 @@ def test_a_step_backpropagates_each_task_and_equals_the_summed_loss_step():
         assert torch.allclose(after.float(), twin_after.float(), atol=1e-6), name
 
 
+def test_cutmix_trains_the_classification_batch_on_mixed_images_and_soft_labels():
+    """--cls_cutmix: the step is the one on the mixed batch (same random draw), not on the plain one."""
+    torch.manual_seed(0)
+    model = UnifiedMultiTaskModel("efficientnet_lite0", pretrained=False)
+    args = train.parse_args(["--cls_cutmix", "1.0"])
+    images, labels = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8), torch.tensor([1, 7, 3, 3])
+    device, scaler = torch.device("cpu"), torch.amp.GradScaler("cpu", enabled=False)
+    model.eval()  # BatchNorm on its running statistics: the three losses below see the same model
+    with torch.no_grad():
+        model.cls_head.weight.mul_(100)  # confident logits, so the targets change the loss
+    torch.manual_seed(1)
+    loss = train.train_one_epoch(model, [{"cls": (images, labels, None)}], {},
+                                 torch.optim.SGD(model.parameters(), lr=0.0), scaler, args, device, None)["cls"]
+    torch.manual_seed(1)
+    mixed, soft = classification_batch_mixing(0.0, 1.0, 10)(model.prepare_input(images), labels)
+    with torch.no_grad():
+        expected = task_loss("cls", model(mixed), soft)[0]
+        plain = task_loss("cls", model(model.prepare_input(images)), labels)[0]
+    assert soft.shape == (4, 10) and loss == pytest.approx(expected.item(), rel=1e-5)
+    assert abs(loss - plain.item()) > 1e-4
+
+
 @pytest.mark.parametrize("extra", [["--ema_decay", "0"], []], ids=["raw_weights", "weight_average"])
 def test_resume_after_an_interruption_gives_the_same_outputs(demo_root, tmp_path, extra):
     # --select_window 2: the recent scores it averages must survive the interruption too (and so
@@ -310,6 +333,7 @@ def test_start_from_a_stage_checkpoint_runs_only_the_later_stages(tiny_run, demo
                                    ["--lr_factor", "3", "neck", "fast"], ["--lr_factor", "3", "neck", "-1"],
                                    ["--select_window", "0"], ["--label_smoothing", "1"],
                                    ["--label_smoothing", "-0.1"], ["--ema_decay", "1"], ["--ema_decay", "-0.1"],
+                                   ["--cls_mixup", "-1"], ["--cls_cutmix", "-0.5"],
                                    ["--distill_seg_new_images", "-1"],
                                    ["--distill_seg_new_images", "4", "1", "1"]])
 def test_bad_flags_are_rejected(flags, capsys):
