@@ -11,9 +11,11 @@ whatever the head learns: it shows where a sequential pass loses what the backbo
 import argparse
 import sys
 
-from datasets import DataError, build_dataset
+import torch
+import torch.nn.functional as F
+
+from datasets import DataError, build_dataset, make_loader
 from eval import load_model
-from linear_probe import accuracy, fit_logistic_regression, pooled_features
 from models import pick_device
 from train import HelpWithDefaults, checkpoint_img_sizes
 
@@ -26,6 +28,37 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--img_size", type=int, help="input size of the classification images (default: the checkpoint's)")
     return p.parse_args(argv)
+
+
+@torch.no_grad()  # not inference_mode: the probe fits on these tensors with autograd
+def pooled_features(model, dataset, batch_size=32):
+    """({layer: (N, C) pooled features}, (N,) labels) over a dataset."""
+    features, labels = {}, []
+    for images, targets, _ in make_loader(dataset, batch_size, shuffle=False):
+        for name, fmap in model.feature_maps(model.prepare_input(images)).items():
+            features.setdefault(name, []).append(fmap.float().mean(dim=(2, 3)).cpu())
+        labels.append(targets)
+    return {name: torch.cat(chunks) for name, chunks in features.items()}, torch.cat(labels)
+
+
+def probe_accuracy(train_x, train_y, val_x, val_y, num_classes, weight_decay, max_iter=300):
+    """Fit a multinomial logistic regression on (train_x, train_y); Top-1 on (train, val)."""
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6  # statistics of the train split only
+    train_x, val_x = (train_x - mean) / std, (val_x - mean) / std
+    weight = torch.zeros(train_x.shape[1], num_classes, requires_grad=True)
+    bias = torch.zeros(num_classes, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(train_x @ weight + bias, train_y) + weight_decay * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        return [((x @ weight + bias).argmax(1) == y).float().mean().item()
+                for x, y in ((train_x, train_y), (val_x, val_y))]
 
 
 def main(argv=None):
@@ -47,8 +80,8 @@ def main(argv=None):
     print(f"{'layer':<14} {'channels':>8} {'train top1':>10} {'val top1':>9}")
     results = {}
     for name in train_x:
-        weight, bias = fit_logistic_regression(train_x[name], train_y, num_classes, args.weight_decay)
-        train_acc, val_acc = accuracy(weight, bias, train_x[name], train_y), accuracy(weight, bias, val_x[name], val_y)
+        train_acc, val_acc = probe_accuracy(train_x[name], train_y, val_x[name], val_y, num_classes,
+                                            args.weight_decay)
         results[name] = val_acc
         print(f"{name:<14} {train_x[name].shape[1]:>8} {train_acc:>10.4f} {val_acc:>9.4f}")
     return results

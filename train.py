@@ -38,7 +38,6 @@ from tqdm import tqdm
 
 from datasets import (TASK_NAMES, TASKS, DataError, build_dataset, classification_batch_mixing, make_loader,
                       train_augmentation)
-from linear_probe import accuracy, fit_logistic_regression, pooled_features
 from losses import distillation_loss, task_loss
 from metrics import MAX_DROP_PERCENT, PRIMARY_METRIC, drop_percent, evaluate
 from models import BACKBONES, PretrainedWeightsError, UnifiedMultiTaskModel, count_trainable_parameters, pick_device
@@ -144,10 +143,6 @@ def build_parser(description=__doc__.split("\n\n")[0], sequential=True):
                    help="objectness target of a positive cell: 1, or the IoU of its own box (YOLOv5-style)")
     p.add_argument("--label_smoothing", type=float, default=0.0, metavar="EPS",
                    help="classification loss: cross-entropy with this label smoothing (0: none)")
-    p.add_argument("--cls_head_init", default="random", choices=("random", "probe"),
-                   help="stage 3 starts the classification head from its random init, or from a logistic "
-                        "regression fitted on the frozen features of the training images (linear probe, then "
-                        "fine-tune)")
     p.add_argument("--cls_mixup", type=float, default=0.0, metavar="ALPHA",
                    help="classification batches: MixUp (blend image pairs and their labels) with Beta(ALPHA, ALPHA) "
                         "weights; 0: off. With --cls_cutmix too, each batch gets one of the two")
@@ -506,20 +501,6 @@ def train_one_epoch(model, batches, replay_banks, optimizer, scaler, args, devic
     return losses
 
 
-def fit_classification_head(model, dataset, weight_decay=1e-2):
-    """--cls_head_init probe: set the cls head (GAP + Linear) to a logistic regression fitted on
-    the pooled last shared map of `dataset` (not augmented) as the model is now. Returns the
-    fit's Top-1 on those images."""
-    model.eval()
-    features, labels = pooled_features(model, dataset)
-    weight, bias = fit_logistic_regression(features["shared_conv3"], labels, model.cls_head.out_features,
-                                           weight_decay)
-    with torch.no_grad():
-        model.cls_head.weight.copy_(weight.T)
-        model.cls_head.bias.copy_(bias)
-    return accuracy(weight, bias, features["shared_conv3"], labels)
-
-
 def distill_seg_new_images_weight(args, stage, learned):
     """--distill_seg_new_images: the stage's weight of segmentation distilled on the new task's
     images, 0 while segmentation is not among the tasks learned before the stage."""
@@ -573,11 +554,6 @@ def run_stage(stage, primary, model, data, state, args, device, log):
     epochs = getattr(args, f"epochs_{primary}")
     base_lr = getattr(args, f"lr_{primary}")
     amp_dtype = autocast_dtype(args.amp, device)
-    resuming = state.get("stage") == stage and "optimizer" in state
-    if primary == "cls" and args.cls_head_init == "probe" and not resuming:
-        train_top1 = fit_classification_head(model, build_dataset("cls", args.data_root, "train",
-                                                                  args.img_sizes["cls"], train=False))
-        log.info(f"stage {stage}: classification head fitted on the frozen features (train Top-1 {train_top1:.4f})")
     optimizer = torch.optim.AdamW(parameter_groups(model, [primary], learned, args.lr_factors[stage], base_lr),
                                   weight_decay=args.weight_decay)
     scheduler = make_scheduler(optimizer, args, epochs)
@@ -594,7 +570,7 @@ def run_stage(stage, primary, model, data, state, args, device, log):
                                          amp_dtype=amp_dtype) for task in learned}
 
     start_epoch, best_key = 1, None
-    if resuming:  # inside this stage
+    if state.get("stage") == stage and "optimizer" in state:  # resuming inside this stage
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])

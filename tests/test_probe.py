@@ -1,15 +1,9 @@
-"""probe.py and linear_probe.py: the logistic-regression probe separates what is separable and
-not what is not, feature_maps agrees with forward, and the script runs on a checkpoint."""
+"""probe.py: the logistic-regression probe separates what is separable and not what is not,
+feature_maps agrees with forward, and the script runs on a checkpoint."""
 import torch
 
 import probe
-from linear_probe import accuracy, fit_logistic_regression
 from models import UnifiedMultiTaskModel
-
-
-def probe_accuracy(train_x, train_y, val_x, val_y):
-    weight, bias = fit_logistic_regression(train_x, train_y, 4, 1e-2)
-    return accuracy(weight, bias, train_x, train_y), accuracy(weight, bias, val_x, val_y)
 
 
 def test_probe_accuracy_separable_vs_random_labels():
@@ -17,21 +11,11 @@ def test_probe_accuracy_separable_vs_random_labels():
     centers = torch.randn(4, 16, generator=generator) * 4
     labels = torch.arange(200) % 4
     features = centers[labels] + torch.randn(200, 16, generator=generator)
-    train_acc, val_acc = probe_accuracy(features[:120], labels[:120], features[120:], labels[120:])
+    train_acc, val_acc = probe.probe_accuracy(features[:120], labels[:120], features[120:], labels[120:], 4, 1e-2)
     assert train_acc == 1.0 and val_acc > 0.95
     noise = torch.randn(200, 16, generator=generator)  # labels carry no information about these
-    _, val_acc = probe_accuracy(noise[:120], labels[:120], noise[120:], labels[120:])
+    _, val_acc = probe.probe_accuracy(noise[:120], labels[:120], noise[120:], labels[120:], 4, 1e-2)
     assert val_acc < 0.5
-
-
-def test_the_fitted_weights_act_on_raw_features():
-    """The standardisation is folded into (weight, bias): shifted, scaled features still separate."""
-    generator = torch.Generator().manual_seed(0)
-    labels = torch.arange(200) % 4
-    features = (torch.randn(4, 16, generator=generator) * 4)[labels] + torch.randn(200, 16, generator=generator)
-    features = features * torch.linspace(0.01, 100, 16) + 50
-    train_acc, val_acc = probe_accuracy(features[:120], labels[:120], features[120:], labels[120:])
-    assert train_acc == 1.0 and val_acc > 0.95
 
 
 def test_feature_maps_are_what_forward_uses():

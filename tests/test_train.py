@@ -10,7 +10,7 @@ from torchvision.transforms import v2
 import eval as eval_script
 import joint
 import train
-from datasets import build_dataset, classification_batch_mixing
+from datasets import classification_batch_mixing
 from losses import distillation_loss, task_loss
 from models import UnifiedMultiTaskModel
 
@@ -324,32 +324,6 @@ def test_start_from_a_stage_checkpoint_runs_only_the_later_stages(tiny_run, demo
     assert ["distill_seg_new" in r["losses"] for r in records] == [True, False], "stage 2 only: weights 4 and 0"
     final = torch.load(tmp_path / "model_final_best_1pass.pt", weights_only=False)
     assert final["baselines"]["mIoU"] == baselines["mIoU"], "the stage-1 baseline carries over"
-
-
-def test_fit_classification_head_makes_the_model_predict_what_the_fit_does(demo_root):
-    torch.manual_seed(0)
-    model = UnifiedMultiTaskModel("efficientnet_lite0", pretrained=False)
-    dataset = build_dataset("cls", demo_root, "train", 64, train=False)
-    labels = torch.tensor([dataset.eval_target(i) for i in range(len(dataset))])
-    fit_top1 = train.fit_classification_head(model, dataset)
-    with torch.no_grad():
-        model_top1 = (model(model.prepare_input(dataset.images_uint8()))["cls"].argmax(1) == labels).float().mean()
-    assert fit_top1 == 1.0 and model_top1.item() == 1.0, "a few images, 256 features: separable"
-
-
-def test_cls_head_init_probe_fits_the_head_once_per_stage_3(tiny_run, demo_root, tmp_path, monkeypatch):
-    """Fitted when stage 3 begins, not again when it resumes (that would undo its training)."""
-    out_dir, _ = tiny_run
-    fitted, fit = [], train.fit_classification_head
-    monkeypatch.setattr(train, "fit_classification_head", lambda model, dataset: fitted.append(len(dataset)) or
-                        fit(model, dataset))
-    flags = ["--start_from", str(out_dir / "model_s2_best.pt"), "--cls_head_init", "probe", "--epochs_cls", "2"]
-    with pytest.raises(SystemExit):
-        run_train(demo_root, tmp_path, *flags, "--stop_after_epochs", "1")
-    run_train(demo_root, tmp_path, *flags, "--resume")
-    assert len(fitted) == 1 and fitted[0] > 0
-    assert "classification head fitted" in (tmp_path / "training_log_single_pass.txt").read_text()
-    assert [r["epoch"] for r in map(json.loads, (tmp_path / "training_log.jsonl").read_text().splitlines())] == [1, 2]
 
 
 @pytest.mark.parametrize("flags", [["--epochs_det", "0"], ["--img_size", "100"], ["--img_size_cls", "0"],
