@@ -181,8 +181,10 @@ class UnifiedMultiTaskModel(nn.Module):
     def forward(self, images):
         """images: (N, 3, H, W) in [0, 1]. Returns a dict of
         seg (N, 21, H, W), seg_coarse (N, 21, H/16, W/16), det (N, 5+C, H/16, W/16),
-        cls (N, C) and feat (N, 256, H/16, W/16), the last shared feature map."""
-        feat = self.feature_maps(images)["shared_conv3"]
+        cls (N, C), feat (N, 256, H/16, W/16), the last shared feature map, and backbone_pooled
+        (N, 1280), the backbone's average-pooled stride-32 features (--distill_backbone_probe)."""
+        maps = self.feature_maps(images)
+        feat = maps["shared_conv3"]
         seg_coarse = self.seg_head(feat)
         return {
             "seg": F.interpolate(seg_coarse, size=images.shape[-2:], mode="bilinear", align_corners=False),
@@ -190,6 +192,7 @@ class UnifiedMultiTaskModel(nn.Module):
             "det": self.det_head(feat),
             "cls": self.cls_head(feat.mean(dim=(2, 3))),
             "feat": feat,
+            "backbone_pooled": maps["backbone_s32"].mean(dim=(2, 3)),
         }
 
     def backbone_taps(self, images):

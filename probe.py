@@ -41,10 +41,11 @@ def pooled_features(model, dataset, batch_size=32):
     return {name: torch.cat(chunks) for name, chunks in features.items()}, torch.cat(labels)
 
 
-def probe_accuracy(train_x, train_y, val_x, val_y, num_classes, weight_decay, max_iter=300):
-    """Fit a multinomial logistic regression on (train_x, train_y); Top-1 on (train, val)."""
+def fit_linear_probe(train_x, train_y, num_classes, weight_decay, max_iter=300):
+    """A multinomial logistic regression (standardised features, L2, L-BFGS) fitted on
+    (train_x, train_y); returns a function features -> logits."""
     mean, std = train_x.mean(0), train_x.std(0) + 1e-6  # statistics of the train split only
-    train_x, val_x = (train_x - mean) / std, (val_x - mean) / std
+    train_x = (train_x - mean) / std
     weight = torch.zeros(train_x.shape[1], num_classes, requires_grad=True)
     bias = torch.zeros(num_classes, requires_grad=True)
     optimizer = torch.optim.LBFGS([weight, bias], max_iter=max_iter, line_search_fn="strong_wolfe")
@@ -55,10 +56,21 @@ def probe_accuracy(train_x, train_y, val_x, val_y, num_classes, weight_decay, ma
         loss.backward()
         return loss
 
-    optimizer.step(closure)
+    with torch.enable_grad():
+        optimizer.step(closure)
+    weight, bias = weight.detach(), bias.detach()
+
+    def logits(x):
+        return ((x.float() - mean.to(x.device)) / std.to(x.device)) @ weight.to(x.device) + bias.to(x.device)
+
+    return logits
+
+
+def probe_accuracy(train_x, train_y, val_x, val_y, num_classes, weight_decay, max_iter=300):
+    """Fit a linear probe on (train_x, train_y); Top-1 on (train, val)."""
+    logits = fit_linear_probe(train_x, train_y, num_classes, weight_decay, max_iter)
     with torch.no_grad():
-        return [((x @ weight + bias).argmax(1) == y).float().mean().item()
-                for x, y in ((train_x, train_y), (val_x, val_y))]
+        return [(logits(x).argmax(1) == y).float().mean().item() for x, y in ((train_x, train_y), (val_x, val_y))]
 
 
 def main(argv=None):

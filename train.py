@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from datasets import (TASK_NAMES, TASKS, DataError, build_dataset, classification_batch_mixing, make_loader,
                       train_augmentation)
-from losses import distillation_loss, task_loss
+from losses import distillation_loss, kl_with_temperature, task_loss
 from metrics import MAX_DROP_PERCENT, PRIMARY_METRIC, drop_percent, evaluate
 from models import BACKBONES, PretrainedWeightsError, UnifiedMultiTaskModel, count_trainable_parameters, pick_device
 from replay import ReplayBank
@@ -188,6 +188,10 @@ def build_parser(description=__doc__.split("\n\n")[0], sequential=True):
     s.add_argument("--distill_det_new_images", type=float, default=0.0, metavar="W",
                    help="stage 3: also distil detection's outputs (MSE, as on its replay images) on the new "
                         "task's own training images with weight W (0: off)")
+    s.add_argument("--distill_backbone_probe", type=float, default=0.0, metavar="W",
+                   help="stage 3: also distil the classification output toward a linear probe of the frozen "
+                        "teacher's backbone (pooled stride-32 features, fitted on the classification training "
+                        "images when the stage starts), KL at --distill_temp with weight W (0: off)")
     # 3: one lucky epoch on 60 images must not become a baseline later stages cannot get back to
     s.add_argument("--select_window", type=int, default=3, metavar="N",
                    help="keep the stage's checkpoint by the mean of its metric over the last N epochs (1: that "
@@ -432,7 +436,7 @@ def setup_logging(out_dir):
 
 # ----------------------------------------------------------------------------- one stage
 def train_one_epoch(model, batches, replay_banks, optimizer, scaler, args, device, amp_dtype, weight_average=None,
-                    teacher=None, seg_new_images_weight=0.0, det_new_images_weight=0.0):
+                    teacher=None, seg_new_images_weight=0.0, det_new_images_weight=0.0, backbone_probe=None):
     """One optimiser step per item of `batches`, a dict {task: (images, targets, indices)}: the
     primary task's batch in a sequential stage (plus one replay batch per earlier task), one
     batch of every task in joint training. `weight_average` (make_weight_average) is updated
@@ -461,8 +465,9 @@ def train_one_epoch(model, batches, replay_banks, optimizer, scaler, args, devic
             with autocast():
                 outputs = model(inputs)
                 loss, loss_parts = task_loss(task, outputs, targets, loss_options[task])
-                if teacher is not None and (seg_new_images_weight > 0 or det_new_images_weight > 0):
-                    # earlier tasks distilled on this batch's images too, with their replay batches' loss
+                if teacher is not None and (seg_new_images_weight > 0 or det_new_images_weight > 0
+                                            or backbone_probe is not None):
+                    # earlier tasks (and the backbone's probe) distilled on this batch's images too
                     with torch.no_grad():
                         teacher_outputs = teacher(inputs)
                     if seg_new_images_weight > 0:  # seg KL
@@ -474,6 +479,11 @@ def train_one_epoch(model, batches, replay_banks, optimizer, scaler, args, devic
                                                         {"det_logits": det_new_images_weight, "det_feature": 0.0},
                                                         args.distill_temp)
                         loss, loss_parts = loss + det_loss, {**loss_parts, "distill_det_new": det_loss.detach()}
+                    if backbone_probe is not None:  # cls KL toward the backbone's linear probe
+                        probe_logits = backbone_probe(teacher_outputs["backbone_pooled"])
+                        probe_loss = args.distill_backbone_probe * kl_with_temperature(
+                            outputs["cls"], probe_logits, args.distill_temp)
+                        loss, loss_parts = loss + probe_loss, {**loss_parts, "distill_probe": probe_loss.detach()}
             scaler.scale(loss).backward()
             total = total + loss.detach()
             parts.update(loss_parts)
@@ -499,6 +509,22 @@ def train_one_epoch(model, batches, replay_banks, optimizer, scaler, args, devic
     if not all(math.isfinite(v) for v in losses.values()):
         raise NonFiniteLossError(f"non-finite training loss {losses}")
     return losses
+
+
+def fit_backbone_probe(teacher, dataset, amp_dtype, log):
+    """A linear probe of the teacher's pooled stride-32 backbone features on the classification
+    training images (each plain and flipped, as a replay bank holds them): the backbone separates
+    the classes far better than the shared convs do (probe.py), so its probe can teach the
+    classification output."""
+    from probe import fit_linear_probe  # probe.py imports train.py: imported here, not at the top
+
+    bank = ReplayBank(dataset, teacher, torch.Generator(), amp_dtype=amp_dtype, keys=("backbone_pooled",))
+    features = bank.teacher_outputs["backbone_pooled"].flatten(0, 1).cpu()  # (N, 2, 1280) -> (2N, 1280)
+    labels = torch.tensor([dataset.eval_target(i) for i in range(len(dataset))]).repeat_interleave(2)
+    probe = fit_linear_probe(features, labels, len(dataset.class_names), weight_decay=1e-2)
+    accuracy = (probe(features).argmax(1) == labels).float().mean().item()
+    log.info(f"backbone probe fitted on {len(labels)} classification views: train Top-1 {accuracy:.4f}")
+    return probe
 
 
 def distill_seg_new_images_weight(args, stage, learned):
@@ -582,6 +608,9 @@ def run_stage(stage, primary, model, data, state, args, device, log):
         state["recent_scores"] = []
 
     seg_new_images_weight = distill_seg_new_images_weight(args, stage, learned)
+    backbone_probe = None
+    if primary == "cls" and teacher is not None and args.distill_backbone_probe > 0:
+        backbone_probe = fit_backbone_probe(teacher, data["train"]["cls"], amp_dtype, log)
     det_new_images_weight = args.distill_det_new_images if "det" in learned else 0.0
     log.info(f"stage {stage}: {primary} for {epochs} epochs, lr {base_lr:g}, distilling {learned or 'nothing'}")
     for epoch in range(start_epoch, epochs + 1):
@@ -593,7 +622,8 @@ def run_stage(stage, primary, model, data, state, args, device, log):
         batches = ({primary: batch} for batch in tqdm(loader, desc=f"s{stage} {primary} {epoch}/{epochs}",
                                                       leave=False, disable=None))
         losses = train_one_epoch(model, batches, replay_banks, optimizer, scaler, args, device, amp_dtype,
-                                 weight_average, teacher, seg_new_images_weight, det_new_images_weight)
+                                 weight_average, teacher, seg_new_images_weight, det_new_images_weight,
+                                 backbone_probe)
         metrics = validate(scored, data["val"], seen, args)
         own = metrics[PRIMARY_METRIC[primary]]
         lr = head_lr(optimizer, primary)
@@ -734,7 +764,7 @@ def resume_state(out_dir, model, args):
                          f"{describe_sizes(sizes)}; pass the same flags")
     # what runs did before each flag existed: a run resumed under a changed default must not switch recipe
     before_the_flags = {"lr_schedule": "plateau", "ema_decay": 0.0, "distill_seg_new_images": {2: 0.0, 3: 0.0},
-                        "distill_det_new_images": 0.0}
+                        "distill_det_new_images": 0.0, "distill_backbone_probe": 0.0}
     for flag, before_the_flag in before_the_flags.items():
         saved = state["args"].get(flag, before_the_flag)
         if saved != getattr(args, flag):

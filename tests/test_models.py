@@ -41,7 +41,7 @@ def test_forward_shapes(random_model):
         out = random_model(torch.rand(2, 3, 64, 64))
     shapes = {k: tuple(v.shape) for k, v in out.items()}
     assert shapes == {"seg": (2, 21, 64, 64), "seg_coarse": (2, 21, 4, 4), "det": (2, 15, 4, 4),
-                      "cls": (2, 10), "feat": (2, 256, 4, 4)}
+                      "cls": (2, 10), "feat": (2, 256, 4, 4), "backbone_pooled": (2, 1280)}
     assert all(torch.isfinite(v).all() for v in out.values())
 
 

@@ -1,6 +1,7 @@
 """train.py: end to end on demo data, parameter groups, distillation, resume, NaN handling."""
 import copy
 import json
+import logging
 import platform
 
 import pytest
@@ -10,8 +11,8 @@ from torchvision.transforms import v2
 import eval as eval_script
 import joint
 import train
-from datasets import classification_batch_mixing
-from losses import distillation_loss, task_loss
+from datasets import build_dataset, classification_batch_mixing
+from losses import distillation_loss, kl_with_temperature, task_loss
 from models import UnifiedMultiTaskModel
 
 TINY = ["--backbone", "efficientnet_lite0", "--no-pretrained", "--img_size", "64", "--batch_size", "4",
@@ -183,6 +184,55 @@ def test_detection_is_distilled_on_new_images_only_once_it_was_learned(demo_root
     run_train(demo_root, tmp_path, "--distill_det_new_images", "5")
     records = [json.loads(line) for line in (tmp_path / "training_log.jsonl").read_text().splitlines()]
     assert [("distill_det_new" in r["losses"]) for r in records] == [False, False, True]  # stages 1, 2, 3
+
+
+def test_a_step_with_a_backbone_probe_distils_classification_toward_it():
+    torch.manual_seed(0)
+    model = UnifiedMultiTaskModel("efficientnet_lite0", pretrained=False)
+    teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    probe_weight = torch.randn(1280, 10)
+    probe = lambda pooled: pooled.float() @ probe_weight  # noqa: E731  (a stand-in for the fitted probe)
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    batch = {"cls": (images, torch.tensor([1, 7]), None)}
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+
+    def step(backbone_probe):
+        student = copy.deepcopy(model)
+        optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
+        args = train.parse_args(["--distill_backbone_probe", "3"])
+        losses = train.train_one_epoch(student, [batch], {}, optimizer, scaler, args, torch.device("cpu"), None,
+                                       teacher=teacher, backbone_probe=backbone_probe)
+        return losses, student
+
+    off, _ = step(None)
+    assert "distill_probe" not in off
+    on, student = step(probe)
+    with torch.no_grad():  # KL at the distillation temperature toward the probe of the teacher's backbone, x 3
+        teacher_outputs = teacher(teacher.prepare_input(images))
+        expected = 3 * kl_with_temperature(copy.deepcopy(model)(model.prepare_input(images))["cls"],
+                                           probe(teacher_outputs["backbone_pooled"]), 2.0)
+    assert on["distill_probe"] > 1e-3 and on["distill_probe"] == pytest.approx(expected.item(), rel=1e-4)
+    assert on["total"] == pytest.approx(off["total"] + on["distill_probe"], rel=1e-4)
+    assert not torch.equal(student.cls_head.bias, model.cls_head.bias)
+
+
+def test_the_backbone_probe_is_fitted_on_the_teachers_pooled_backbone_features(demo_root):
+    torch.manual_seed(0)
+    teacher = UnifiedMultiTaskModel("efficientnet_lite0", pretrained=False).eval().requires_grad_(False)
+    dataset = build_dataset("cls", demo_root, "train", 64)
+    probe = train.fit_backbone_probe(teacher, dataset, None, logging.getLogger("test"))
+    images = dataset.images_uint8()
+    labels = torch.tensor([dataset.eval_target(i) for i in range(len(dataset))])
+    with torch.no_grad():
+        logits = probe(teacher(teacher.prepare_input(images))["backbone_pooled"])
+    assert logits.shape == (len(dataset), len(dataset.class_names))
+    assert torch.equal(logits.argmax(1), labels), "1280 features fit a handful of training images"
+
+
+def test_the_backbone_probe_is_distilled_in_stage_3_only(demo_root, tmp_path):
+    run_train(demo_root, tmp_path, "--distill_backbone_probe", "1")
+    records = [json.loads(line) for line in (tmp_path / "training_log.jsonl").read_text().splitlines()]
+    assert [("distill_probe" in r["losses"]) for r in records] == [False, False, True]  # stages 1, 2, 3
 
 
 def test_distill_seg_new_images_takes_one_weight_or_one_per_stage():
@@ -419,6 +469,7 @@ def test_cosine_schedule_restarts_in_every_stage(demo_root, tmp_path):
 
 @pytest.mark.parametrize("flag, value, saved", [("--lr_schedule", "cosine", "plateau"), ("--ema_decay", "0.9", "0.95"),
                                                ("--distill_seg_new_images", "2", "4 1"),
+                                               ("--distill_backbone_probe", "1", "0"),
                                                ("--lr_factor", "3 shared_late 0.5",
                                                 f"3 shared_late {train.LR_FACTORS[3]['shared_late']:g}")])
 def test_resume_with_another_recipe_flag_is_a_clear_error(demo_root, tmp_path, flag, value, saved):
