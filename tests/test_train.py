@@ -118,6 +118,19 @@ def test_distillation_is_zero_when_student_equals_teacher(task):
     assert distillation_loss(task, other, outputs, weights, temperature=2.0)[0].item() > 1e-3
 
 
+def one_cls_step_with_a_teacher(model, teacher, images, args=(), **distillation):
+    """One SGD step of a copy of `model` on a classification batch of `images`, with `teacher`
+    (or None) and the new-images distillation keyword arguments of train_one_epoch; returns
+    (losses, the stepped copy)."""
+    student = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
+    batch = {"cls": (images, torch.tensor([1, 7]), None)}
+    losses = train.train_one_epoch(student, [batch], {}, optimizer, torch.amp.GradScaler("cpu", enabled=False),
+                                   train.parse_args(list(args)), torch.device("cpu"), None, teacher=teacher,
+                                   **distillation)
+    return losses, student
+
+
 def test_a_step_with_a_teacher_distils_segmentation_on_the_primary_images():
     torch.manual_seed(0)
     model = UnifiedMultiTaskModel("efficientnet_lite0", pretrained=False)
@@ -125,16 +138,10 @@ def test_a_step_with_a_teacher_distils_segmentation_on_the_primary_images():
     with torch.no_grad():
         teacher.seg_head.bias.add_(torch.linspace(-3, 3, 21))  # the teacher now disagrees
     images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
-    batch = {"cls": (images, torch.tensor([1, 7]), None)}
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    device = torch.device("cpu")
 
     def step(weight, with_teacher=True):
-        student = copy.deepcopy(model)
-        optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
-        losses = train.train_one_epoch(student, [batch], {}, optimizer, scaler, train.parse_args([]), device, None,
-                                       teacher=teacher if with_teacher else None, seg_new_images_weight=weight)
-        return losses, student
+        return one_cls_step_with_a_teacher(model, teacher if with_teacher else None, images,
+                                           seg_new_images_weight=weight)
 
     off, _ = step(0.0)
     assert "distill_seg_new" not in off, "weight 0 is off"
@@ -157,16 +164,10 @@ def test_a_step_with_a_teacher_distils_detection_on_the_primary_images():
     with torch.no_grad():
         teacher.det_head[-1].bias.add_(torch.linspace(-3, 3, 15))  # the teacher now disagrees
     images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
-    batch = {"cls": (images, torch.tensor([1, 7]), None)}
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
 
     def step(weight):
-        student = copy.deepcopy(model)
-        optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
-        losses = train.train_one_epoch(student, [batch], {}, optimizer, scaler, train.parse_args([]),
-                                       torch.device("cpu"), None, teacher=teacher, seg_new_images_weight=0.0,
-                                       det_new_images_weight=weight)
-        return losses, student
+        return one_cls_step_with_a_teacher(model, teacher, images, seg_new_images_weight=0.0,
+                                           det_new_images_weight=weight)
 
     off, _ = step(0.0)
     assert "distill_det_new" not in off and "distill_seg_new" not in off
@@ -193,16 +194,10 @@ def test_a_step_with_a_backbone_probe_distils_classification_toward_it():
     probe_weight = torch.randn(1280, 10)
     probe = lambda pooled: pooled.float() @ probe_weight  # noqa: E731  (a stand-in for the fitted probe)
     images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
-    batch = {"cls": (images, torch.tensor([1, 7]), None)}
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
 
     def step(backbone_probe):
-        student = copy.deepcopy(model)
-        optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
-        args = train.parse_args(["--distill_backbone_probe", "3"])
-        losses = train.train_one_epoch(student, [batch], {}, optimizer, scaler, args, torch.device("cpu"), None,
-                                       teacher=teacher, backbone_probe=backbone_probe)
-        return losses, student
+        return one_cls_step_with_a_teacher(model, teacher, images, ["--distill_backbone_probe", "3"],
+                                           backbone_probe=backbone_probe)
 
     off, _ = step(None)
     assert "distill_probe" not in off
