@@ -43,7 +43,7 @@ def pooled_features(model, dataset, batch_size=32):
 
 def fit_linear_probe(train_x, train_y, num_classes, weight_decay, max_iter=300):
     """A multinomial logistic regression (standardised features, L2, L-BFGS) fitted on
-    (train_x, train_y); returns a function features -> logits."""
+    (train_x, train_y); returns a function features -> logits, for features on train_x's device."""
     mean, std = train_x.mean(0), train_x.std(0) + 1e-6  # statistics of the train split only
     train_x = (train_x - mean) / std
     weight = torch.zeros(train_x.shape[1], num_classes, requires_grad=True)
@@ -61,7 +61,7 @@ def fit_linear_probe(train_x, train_y, num_classes, weight_decay, max_iter=300):
     weight, bias = weight.detach(), bias.detach()
 
     def logits(x):
-        return ((x.float() - mean.to(x.device)) / std.to(x.device)) @ weight.to(x.device) + bias.to(x.device)
+        return ((x.float() - mean) / std) @ weight + bias
 
     return logits
 

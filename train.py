@@ -442,7 +442,8 @@ def train_one_epoch(model, batches, replay_banks, optimizer, scaler, args, devic
     batch of every task in joint training. `weight_average` (make_weight_average) is updated
     after every step. With a `teacher` (the previous stage's frozen model) and a
     `seg_new_images_weight` > 0, segmentation is distilled on the primary batches' images too
-    (detection likewise with `det_new_images_weight` > 0).
+    (detection likewise with `det_new_images_weight` > 0), and with a `backbone_probe`
+    (fit_backbone_probe) the classification output is distilled toward its logits.
 
     Each loss is backpropagated as soon as it is computed and the gradients add up before the
     step: the same step as one backward of the summed loss, but only one task's graph is held
@@ -519,8 +520,9 @@ def fit_backbone_probe(teacher, dataset, amp_dtype, log):
     from probe import fit_linear_probe  # probe.py imports train.py: imported here, not at the top
 
     bank = ReplayBank(dataset, teacher, torch.Generator(), amp_dtype=amp_dtype, keys=("backbone_pooled",))
-    features = bank.teacher_outputs["backbone_pooled"].flatten(0, 1).cpu()  # (N, 2, 1280) -> (2N, 1280)
-    labels = torch.tensor([dataset.eval_target(i) for i in range(len(dataset))]).repeat_interleave(2)
+    features = bank.teacher_outputs["backbone_pooled"].flatten(0, 1)  # (N, 2, 1280) -> (2N, 1280), on the device
+    labels = torch.tensor([dataset.eval_target(i) for i in range(len(dataset))], device=features.device)
+    labels = labels.repeat_interleave(2)
     probe = fit_linear_probe(features, labels, len(dataset.class_names), weight_decay=1e-2)
     accuracy = (probe(features).argmax(1) == labels).float().mean().item()
     log.info(f"backbone probe fitted on {len(labels)} classification views: train Top-1 {accuracy:.4f}")
@@ -608,10 +610,10 @@ def run_stage(stage, primary, model, data, state, args, device, log):
         state["recent_scores"] = []
 
     seg_new_images_weight = distill_seg_new_images_weight(args, stage, learned)
+    det_new_images_weight = args.distill_det_new_images if "det" in learned else 0.0
     backbone_probe = None
     if primary == "cls" and teacher is not None and args.distill_backbone_probe > 0:
         backbone_probe = fit_backbone_probe(teacher, data["train"]["cls"], amp_dtype, log)
-    det_new_images_weight = args.distill_det_new_images if "det" in learned else 0.0
     log.info(f"stage {stage}: {primary} for {epochs} epochs, lr {base_lr:g}, distilling {learned or 'nothing'}")
     for epoch in range(start_epoch, epochs + 1):
         started = time.time()
