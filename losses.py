@@ -3,10 +3,8 @@
     task_loss(task, outputs, targets)            the primary task's supervised loss
     distillation_loss(task, student, teacher)    what keeps an earlier task alive on its
                                                  replay images (seg KL, det MSE + feature
-                                                 MSE + object-weighted class MSE, cls KL);
-                                                 zero when student == teacher
+                                                 MSE, cls KL); zero when student == teacher
 """
-import torch
 import torch.nn.functional as F
 
 from datasets import VOID
@@ -38,34 +36,19 @@ def kl_with_temperature(student_logits, teacher_logits, temperature, dim=1):
     return kl.mean() * temperature ** 2
 
 
-def objectness_weighted_class_mse(student_det, teacher_det):
-    """MSE of the detection class logits (channels 5: of the map, detection.py), each cell
-    weighted by the teacher's objectness probability (channel 4). A box's score is
-    sigmoid(objectness) x sigmoid(class): the class logits that name the boxes are those of
-    the cells the teacher finds objects in, a few percent of the map, which the plain output
-    MSE averages together with the untrained class logits of every empty cell."""
-    weight = torch.sigmoid(teacher_det[:, 4:5].float())                                  # (N, 1, H, W)
-    squared = (student_det[:, 5:].float() - teacher_det[:, 5:].float()).pow(2).mean(1, keepdim=True)
-    return (weight * squared).sum() / weight.sum().clamp(min=1e-6)
-
-
 def distillation_loss(task, student, teacher, weights, temperature):
     """student / teacher: output dicts of the model on the same replay images of `task`.
 
-    weights: dict with seg, det_logits, det_feature, det_classes, cls. Segmentation is
-    distilled on the stride-16 logits (what the 1x1 head produces before the bilinear
-    upsampling), so teacher outputs stay small enough to precompute."""
+    weights: dict with seg, det_logits, det_feature, cls. Segmentation is distilled on
+    the stride-16 logits (what the 1x1 head produces before the bilinear upsampling), so
+    teacher outputs stay small enough to precompute."""
     if task == "seg":
         loss = weights["seg"] * kl_with_temperature(student["seg_coarse"], teacher["seg_coarse"], temperature)
         return loss, {"distill_seg": loss.detach()}
     if task == "det":
         logits = weights["det_logits"] * F.mse_loss(student["det"].float(), teacher["det"].float())
         feature = weights["det_feature"] * F.mse_loss(student["feat"].float(), teacher["feat"].float())
-        loss, parts = logits + feature, {"distill_det": logits.detach(), "distill_feat": feature.detach()}
-        if weights["det_classes"] > 0:  # off by default: no term, no log column
-            classes = weights["det_classes"] * objectness_weighted_class_mse(student["det"], teacher["det"])
-            loss, parts = loss + classes, {**parts, "distill_det_classes": classes.detach()}
-        return loss, parts
+        return logits + feature, {"distill_det": logits.detach(), "distill_feat": feature.detach()}
     if task == "cls":
         loss = weights["cls"] * kl_with_temperature(student["cls"], teacher["cls"], temperature)
         return loss, {"distill_cls": loss.detach()}

@@ -78,7 +78,7 @@ BACKBONE_MODULES = ("backbone_early", "backbone_late")
 # stage 3 at 224 learned faster than at 320 in three seeds and ended within noise of it (higher
 # in two, RESULTS.md), each epoch about 0.8x as long.
 IMG_SIZES = {"seg": 416, "det": 320, "cls": 224}
-DISTILL_WEIGHTS = {"seg": 4.0, "det_logits": 5.0, "det_feature": 2.5, "det_classes": 0.0, "cls": 1.0}
+DISTILL_WEIGHTS = {"seg": 4.0, "det_logits": 5.0, "det_feature": 2.5, "cls": 1.0}
 
 
 def scale_range(text):
@@ -178,9 +178,6 @@ def build_parser(description=__doc__.split("\n\n")[0], sequential=True):
                    help="detection output MSE on its replay images")
     s.add_argument("--distill_weight_det_feature", type=float, default=DISTILL_WEIGHTS["det_feature"],
                    help="MSE of the last shared feature map on the detection replay images")
-    s.add_argument("--distill_weight_det_classes", type=float, default=DISTILL_WEIGHTS["det_classes"], metavar="W",
-                   help="MSE of the detection class logits on its replay images, each cell weighted by the "
-                        "teacher's objectness probability (0: off)")
     s.add_argument("--distill_weight_cls", type=float, default=DISTILL_WEIGHTS["cls"],
                    help="classification KL on its replay images (no stage after classification uses it yet)")
     s.add_argument("--distill_temp", type=float, default=2.0, help="temperature of the distillation KLs")
@@ -453,8 +450,7 @@ def train_one_epoch(model, batches, replay_banks, optimizer, scaler, args, devic
     at a time (the first joint.py epoch at the default sizes: 8.8 GiB peak instead of 12.8 GiB;
     RESULTS.md)."""
     weights = {"seg": args.distill_weight_seg, "det_logits": args.distill_weight_det_logits,
-               "det_feature": args.distill_weight_det_feature, "det_classes": args.distill_weight_det_classes,
-               "cls": args.distill_weight_cls} if replay_banks else {}
+               "det_feature": args.distill_weight_det_feature, "cls": args.distill_weight_cls} if replay_banks else {}
     loss_options = {"seg": {}, "det": {"mode": args.det_assign, "objectness": args.det_objectness},
                     "cls": {"label_smoothing": args.label_smoothing}}
     cls_mixing = classification_batch_mixing(args.cls_mixup, args.cls_cutmix, model.cls_head.out_features)
@@ -481,8 +477,7 @@ def train_one_epoch(model, batches, replay_banks, optimizer, scaler, args, devic
                         loss, loss_parts = loss + seg_loss, {**loss_parts, "distill_seg_new": seg_loss.detach()}
                     if det_new_images_weight > 0:  # det output MSE (not the feature MSE)
                         det_loss, _ = distillation_loss("det", outputs, teacher_outputs,
-                                                        {"det_logits": det_new_images_weight, "det_feature": 0.0,
-                                                         "det_classes": 0.0},
+                                                        {"det_logits": det_new_images_weight, "det_feature": 0.0},
                                                         args.distill_temp)
                         loss, loss_parts = loss + det_loss, {**loss_parts, "distill_det_new": det_loss.detach()}
                     if backbone_probe is not None:  # cls KL toward the backbone's linear probe
@@ -771,8 +766,7 @@ def resume_state(out_dir, model, args):
                          f"{describe_sizes(sizes)}; pass the same flags")
     # what runs did before each flag existed: a run resumed under a changed default must not switch recipe
     before_the_flags = {"lr_schedule": "plateau", "ema_decay": 0.0, "distill_seg_new_images": {2: 0.0, 3: 0.0},
-                        "distill_det_new_images": 0.0, "distill_backbone_probe": 0.0,
-                        "distill_weight_det_classes": 0.0}
+                        "distill_det_new_images": 0.0, "distill_backbone_probe": 0.0}
     for flag, before_the_flag in before_the_flags.items():
         saved = state["args"].get(flag, before_the_flag)
         if saved != getattr(args, flag):

@@ -39,7 +39,6 @@ def test_joint_tasks_flag_rejects_unknown_tasks(capsys):
 @pytest.mark.parametrize("flags", [["--resume"], ["--demo"], ["--start_from", "model_s1_best.pt"],
                                    ["--replay_batch_size", "16"], ["--distill_seg_new_images", "4", "1"],
                                    ["--distill_det_new_images", "5"], ["--distill_backbone_probe", "1"],
-                                   ["--distill_weight_det_classes", "5"],
                                    ["--distill_temp", "2"], ["--select_window", "1"], ["--baseline_mode"]])
 def test_joint_has_no_train_only_flags(flags, capsys):
     with pytest.raises(SystemExit):

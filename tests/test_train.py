@@ -111,38 +111,11 @@ def test_distillation_is_zero_when_student_equals_teacher(task):
     model = UnifiedMultiTaskModel("efficientnet_lite0", pretrained=False).eval()
     with torch.no_grad():
         outputs = model(torch.rand(2, 3, 64, 64))
-    weights = {"seg": 4.0, "det_logits": 5.0, "det_feature": 2.5, "det_classes": 5.0, "cls": 1.0}
+    weights = {"seg": 4.0, "det_logits": 5.0, "det_feature": 2.5, "cls": 1.0}
     loss, _ = distillation_loss(task, outputs, outputs, weights, temperature=2.0)
     assert loss.item() == pytest.approx(0.0, abs=1e-6)
     other = {k: v + torch.randn_like(v) for k, v in outputs.items()}
     assert distillation_loss(task, other, outputs, weights, temperature=2.0)[0].item() > 1e-3
-
-
-def test_detection_class_distillation_is_weighted_by_the_teachers_objectness():
-    teacher = torch.zeros(1, 5 + 20, 2, 2)
-    teacher[0, 4] = torch.tensor([[10.0, -10.0], [-10.0, -10.0]])  # one cell holds an object
-    student = teacher.clone()
-    student[0, 5:, 1, 1] += 3.0  # the class logits of an empty cell: almost free
-    weights = {"det_logits": 0.0, "det_feature": 0.0, "det_classes": 2.0}
-    outputs = lambda det: {"det": det, "feat": torch.zeros(1, 4, 2, 2)}  # noqa: E731
-    empty_cell, _ = distillation_loss("det", outputs(student), outputs(teacher), weights, temperature=2.0)
-    student = teacher.clone()
-    student[0, 5:, 0, 0] += 3.0  # the same change where the teacher sees an object
-    object_cell, parts = distillation_loss("det", outputs(student), outputs(teacher), weights, temperature=2.0)
-    sure, unsure = torch.sigmoid(torch.tensor(10.0)).item(), torch.sigmoid(torch.tensor(-10.0)).item()
-    assert object_cell.item() == pytest.approx(2.0 * 9.0 * sure / (sure + 3 * unsure), rel=1e-5)
-    assert empty_cell.item() == pytest.approx(2.0 * 9.0 * unsure / (sure + 3 * unsure), rel=1e-5)
-    assert parts["distill_det_classes"].item() == object_cell.item()
-    # weight 0 is off: no term and no log column
-    _, parts = distillation_loss("det", outputs(student), outputs(teacher), {**weights, "det_classes": 0.0}, 2.0)
-    assert "distill_det_classes" not in parts
-
-
-def test_detection_classes_are_distilled_on_detection_replay_only(demo_root, tmp_path):
-    run_train(demo_root, tmp_path, "--distill_weight_det_classes", "5")
-    records = [json.loads(line) for line in (tmp_path / "training_log.jsonl").read_text().splitlines()]
-    assert [("distill_det_classes" in r["losses"]) for r in records] == [False, False, True]  # stages 1, 2, 3
-    assert records[-1]["losses"]["distill_det_classes"] > 0
 
 
 def one_cls_step_with_a_teacher(model, teacher, images, args=(), **distillation):
@@ -492,7 +465,6 @@ def test_cosine_schedule_restarts_in_every_stage(demo_root, tmp_path):
 @pytest.mark.parametrize("flag, value, saved", [("--lr_schedule", "cosine", "plateau"), ("--ema_decay", "0.9", "0.95"),
                                                ("--distill_seg_new_images", "2", "4 1"),
                                                ("--distill_backbone_probe", "1", "0"),
-                                               ("--distill_weight_det_classes", "5", "0"),
                                                ("--lr_factor", "3 shared_late 0.5",
                                                 f"3 shared_late {train.LR_FACTORS[3]['shared_late']:g}")])
 def test_resume_with_another_recipe_flag_is_a_clear_error(demo_root, tmp_path, flag, value, saved):
