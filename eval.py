@@ -96,7 +96,7 @@ def main(argv=None):
 
     report = {"metrics": {}, "baselines": {}, "drops": {}, "met": {}, "backbone": ckpt["backbone"],
               "img_sizes": {t: img_sizes[t] for t in args.tasks}, "weights": str(args.weights), "split": args.split, "details": {},
-              "class_names": ckpt.get("class_names", {})}
+              "class_names": ckpt.get("class_names", {}), "blend": ckpt.get("blend")}
     for task in args.tasks:
         scores = evaluate(model, datasets[task], task, batch_size=args.batch_size, bootstrap=args.bootstrap)
         name = PRIMARY_METRIC[task]
@@ -129,6 +129,9 @@ def named_scores(pairs):
 def print_table(report, tasks):
     print(f"backbone {report['backbone']}, {describe_sizes(report['img_sizes'])}, weights {report['weights']}, "
           f"{report['split']} images")
+    if report.get("blend") is not None:
+        print(f"weights: the kept epoch blended {report['blend']:g} with the previous stage's "
+              "(no epoch kept every earlier task within 5%; train.py --blend_steps)")
     details = report["details"]
     print(f"{'task':<5} {'metric':<7} {'baseline':>9} {'final':>8} {'drop %':>8}  result")
     for task in tasks:

@@ -196,6 +196,10 @@ def build_parser(description=__doc__.split("\n\n")[0], sequential=True):
     s.add_argument("--select_window", type=int, default=3, metavar="N",
                    help="keep the stage's checkpoint by the mean of its metric over the last N epochs (1: that "
                         "epoch's alone); the baseline stays the kept epoch's own score")
+    s.add_argument("--blend_steps", type=int, default=20, metavar="N",
+                   help="when no epoch of a stage keeps every earlier task within 5%%, try the kept weights "
+                        "blended back toward the previous stage's, (N-1)/N of the new weights first, then "
+                        "(N-2)/N, ..., and keep the first blend that does (0: off)")
     s.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.pt")
     s.add_argument("--start_from", metavar="CKPT", help="begin after the stage of this stage checkpoint (e.g. "
                    "model_s1_best.pt: run stages 2-3 only), with its weights and baselines")
@@ -221,6 +225,8 @@ def parse_args(argv=None, parser=None):
     for name in ("epochs_seg", "epochs_det", "epochs_cls", "batch_size", "replay_batch_size", "select_window"):
         if name in args and getattr(args, name) < 1:  # the last two: train.py only
             p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if "blend_steps" in args and (args.blend_steps < 0 or args.blend_steps == 1):
+        p.error(f"--blend_steps must be 0 (off) or at least 2, got {args.blend_steps}")
     if not 0 <= args.label_smoothing < 1:
         p.error(f"--label_smoothing must be in [0, 1), got {args.label_smoothing}")
     for name in ("cls_mixup", "cls_cutmix"):
@@ -529,6 +535,37 @@ def fit_backbone_probe(teacher, dataset, amp_dtype, log):
     return probe
 
 
+def blend_toward_teacher(weights, teacher_weights, alpha, primary):
+    """alpha x the stage's weights + (1 - alpha) x the teacher's, for every float tensor
+    (BatchNorm statistics too) but the primary task's head, which the teacher never trained:
+    a weight-space ensemble of the model before and after the stage (WiSE-FT)."""
+    return {name: value if name.startswith(f"{primary}_head.") or not value.is_floating_point()
+            else torch.lerp(teacher_weights[name].to(value.device), value, alpha)
+            for name, value in weights.items()}
+
+
+def blend_until_within(model, teacher, primary, baselines, steps, score, log):
+    """--blend_steps: the kept weights (in `model`) lost an earlier task by more than 5% in every
+    epoch. Try them blended back toward the teacher, (steps-1)/steps of the new weights first,
+    then less; return (alpha, metrics) of the first blend that keeps every earlier task within
+    5% (`score(model)` gives the val metrics), `model` holding it, or None with `model` back to
+    the kept weights. Moving back toward the teacher gives back the earlier tasks' scores faster
+    than it takes the new task's (RESULTS.md)."""
+    kept = copy.deepcopy(model.state_dict())
+    teacher_weights = teacher.state_dict()
+    log.info("no epoch kept every earlier task within 5%: blending the kept weights back toward the teacher's")
+    for share in range(steps - 1, 0, -1):
+        alpha = share / steps
+        model.load_state_dict(blend_toward_teacher(kept, teacher_weights, alpha, primary))
+        metrics = score(model)
+        log.info(f"  blend {alpha:g}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+        if within_max_drop(metrics, baselines):
+            return alpha, metrics
+    model.load_state_dict(kept)
+    log.info("  no blend kept every earlier task within 5%: the kept epoch's weights stay")
+    return None
+
+
 def distill_seg_new_images_weight(args, stage, learned):
     """--distill_seg_new_images: the stage's weight of segmentation distilled on the new task's
     images, 0 while segmentation is not among the tasks learned before the stage."""
@@ -657,8 +694,18 @@ def run_stage(stage, primary, model, data, state, args, device, log):
 
     best = torch.load(out_dir / CHECKPOINT_NAMES[stage], map_location="cpu", weights_only=False)
     model.load_state_dict(best["model"])
+    if teacher is not None and args.blend_steps and not within_max_drop(best["metrics"], state["baselines"]):
+        blend = blend_until_within(model, teacher, primary, state["baselines"], args.blend_steps,
+                                   lambda m: validate(m, data["val"], seen, args), log)
+        if blend is not None:
+            alpha, metrics = blend
+            baselines = {**state["baselines"], PRIMARY_METRIC[primary]: metrics[PRIMARY_METRIC[primary]]}
+            best = {**checkpoint(model, args, data["class_names"], baselines, stage, best["epoch"], metrics),
+                    "blend": alpha}
+            save_atomic(best, out_dir / CHECKPOINT_NAMES[stage])
     state["baselines"] = best["baselines"]
-    log.info(f"stage {stage} done: kept epoch {best['epoch']}, baselines {best['baselines']}")
+    blended = f" blended {best['blend']:g} with stage {stage - 1}'s weights" if "blend" in best else ""
+    log.info(f"stage {stage} done: kept epoch {best['epoch']}{blended}, baselines {best['baselines']}")
 
 
 # ----------------------------------------------------------------------------- main
@@ -766,7 +813,7 @@ def resume_state(out_dir, model, args):
                          f"{describe_sizes(sizes)}; pass the same flags")
     # what runs did before each flag existed: a run resumed under a changed default must not switch recipe
     before_the_flags = {"lr_schedule": "plateau", "ema_decay": 0.0, "distill_seg_new_images": {2: 0.0, 3: 0.0},
-                        "distill_det_new_images": 0.0, "distill_backbone_probe": 0.0}
+                        "distill_det_new_images": 0.0, "distill_backbone_probe": 0.0, "blend_steps": 0}
     for flag, before_the_flag in before_the_flags.items():
         saved = state["args"].get(flag, before_the_flag)
         if saved != getattr(args, flag):

@@ -380,7 +380,8 @@ def test_start_from_a_stage_checkpoint_runs_only_the_later_stages(tiny_run, demo
                                    ["--label_smoothing", "-0.1"], ["--ema_decay", "1"], ["--ema_decay", "-0.1"],
                                    ["--cls_mixup", "-1"], ["--cls_cutmix", "-0.5"],
                                    ["--distill_seg_new_images", "-1"],
-                                   ["--distill_seg_new_images", "4", "1", "1"]])
+                                   ["--distill_seg_new_images", "4", "1", "1"], ["--blend_steps", "-1"],
+                                   ["--blend_steps", "1"]])
 def test_bad_flags_are_rejected(flags, capsys):
     with pytest.raises(SystemExit) as exit_info:
         train.parse_args(flags)
@@ -464,7 +465,7 @@ def test_cosine_schedule_restarts_in_every_stage(demo_root, tmp_path):
 
 @pytest.mark.parametrize("flag, value, saved", [("--lr_schedule", "cosine", "plateau"), ("--ema_decay", "0.9", "0.95"),
                                                ("--distill_seg_new_images", "2", "4 1"),
-                                               ("--distill_backbone_probe", "1", "0"),
+                                               ("--distill_backbone_probe", "1", "0"), ("--blend_steps", "0", "20"),
                                                ("--lr_factor", "3 shared_late 0.5",
                                                 f"3 shared_late {train.LR_FACTORS[3]['shared_late']:g}")])
 def test_resume_with_another_recipe_flag_is_a_clear_error(demo_root, tmp_path, flag, value, saved):
@@ -510,7 +511,7 @@ def test_weight_average_is_an_exponential_moving_average_of_the_weights():
 
 
 def test_the_weight_average_is_what_is_validated_kept_and_passed_on(demo_root, tmp_path):
-    run_train(demo_root, tmp_path, "--ema_decay", "0.9")
+    run_train(demo_root, tmp_path, "--ema_decay", "0.9", "--blend_steps", "0")  # no blend of the kept weights
     last = torch.load(tmp_path / "last.pt", weights_only=False)  # after stage 3's only epoch
     final = torch.load(tmp_path / "model_final_best_1pass.pt", weights_only=False)["model"]
     averaged = {k.removeprefix("module."): v for k, v in last["weight_average"].items() if k != "n_averaged"}
@@ -560,3 +561,67 @@ def test_keep_freed_memory_settings_are_taken_by_glibc():
         assert train.keep_freed_memory(True)
     finally:
         assert train.keep_freed_memory(False)
+
+
+def test_blending_toward_the_teacher_mixes_every_float_tensor_but_the_primary_head():
+    student, teacher = UnifiedMultiTaskModel("efficientnet_lite0", pretrained=False), \
+        UnifiedMultiTaskModel("efficientnet_lite0", pretrained=False)
+    weights, teacher_weights = student.state_dict(), teacher.state_dict()
+    for alpha in (1.0, 0.0, 0.25):
+        blended = train.blend_toward_teacher(weights, teacher_weights, alpha, "cls")
+        for name, value in blended.items():
+            if name.startswith("cls_head.") or not value.is_floating_point():
+                assert torch.equal(value, weights[name]), name
+            else:
+                assert torch.allclose(value, alpha * weights[name] + (1 - alpha) * teacher_weights[name], atol=1e-6), name
+    assert not torch.equal(teacher_weights["neck.0.0.weight"], weights["neck.0.0.weight"])
+
+
+def test_blend_until_within_keeps_the_first_blend_that_holds_the_earlier_tasks():
+    teacher, model = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        teacher.weight.fill_(0.0)
+        model.weight.fill_(1.0)
+    # the earlier task's score falls as the weight leaves the teacher's: within 5% up to 0.35
+    score = lambda m: {"mIoU": 0.5 * (1 - m.weight.item() / 7)}  # noqa: E731
+    alpha, metrics = train.blend_until_within(model, teacher, "cls", {"mIoU": 0.5}, 10, score, logging.getLogger())
+    assert alpha == pytest.approx(0.3) and model.weight.item() == pytest.approx(0.3)
+    assert metrics == score(model)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    assert train.blend_until_within(model, teacher, "cls", {"mIoU": 0.9}, 10, score, logging.getLogger()) is None
+    assert model.weight.item() == 1.0  # back to the kept weights
+
+
+def test_a_stage_that_kept_no_epoch_within_5_percent_keeps_a_blend(tiny_run, demo_root, tmp_path, monkeypatch,
+                                                                   capsys):
+    # Every epoch "loses" an earlier task; the first blend tried (19/20 of the new weights) holds them.
+    blending = []
+    original_blend = train.blend_toward_teacher
+
+    def blend_toward_teacher(*args):
+        blending.append(args[2])
+        return original_blend(*args)
+
+    monkeypatch.setattr(train, "within_max_drop", lambda metrics, baselines: bool(blending))
+    monkeypatch.setattr(train, "blend_toward_teacher", blend_toward_teacher)
+    s2 = tiny_run[0] / "model_s2_best.pt"
+    run_train(demo_root, tmp_path, "--start_from", str(s2))
+    final = torch.load(tmp_path / "model_final_best_1pass.pt", weights_only=False)
+    assert blending == [0.95] and final["blend"] == 0.95
+    last = torch.load(tmp_path / "last.pt", weights_only=False)
+    epoch_weights = {k.removeprefix("module."): v for k, v in last["weight_average"].items() if k != "n_averaged"}
+    expected = original_blend(epoch_weights, torch.load(s2, weights_only=False)["model"], 0.95, "cls")
+    assert all(torch.allclose(final["model"][k].float(), expected[k].float()) for k in expected)
+    assert "blended 0.95 with stage 2's weights" in (tmp_path / "training_log_single_pass.txt").read_text()
+    capsys.readouterr()
+    report = eval_script.main(["--weights", str(tmp_path / "model_final_best_1pass.pt"), "--data_root",
+                               str(demo_root), "--tasks", "cls"])
+    assert report["metrics"]["top1"] == pytest.approx(final["baselines"]["top1"])  # the blend's own score
+    assert "blended 0.95 with the previous stage's" in capsys.readouterr().out
+
+
+def test_blending_is_off_with_blend_steps_0(tiny_run, demo_root, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "within_max_drop", lambda metrics, baselines: False)
+    run_train(demo_root, tmp_path, "--start_from", str(tiny_run[0] / "model_s2_best.pt"), "--blend_steps", "0")
+    assert "blend" not in torch.load(tmp_path / "model_final_best_1pass.pt", weights_only=False)
