@@ -1,7 +1,8 @@
 """Evaluate a checkpoint on the val sets and report forgetting against the stage baselines.
 
     python eval.py --weights model_final_best_1pass.pt --data_root DL_data --tasks all \
-        [--base_miou X --base_map Y --base_top1 Z] [--json results.json] [--save_vis vis/]
+        [--base_miou X --base_map Y --base_top1 Z] [--json results.json] [--save_vis vis/] \
+        [--blend_with model_s2_best.pt --blend 0.8]
 
     mIoU     VOC definition: 21 classes with background, 255 ignored, original mask size
     mAP_50   COCO AP at IoU 0.5 over the 10 classes (pycocotools), crowd boxes ignored
@@ -22,7 +23,7 @@ import torch
 from datasets import TASKS, DataError, build_dataset
 from metrics import MAX_DROP_PERCENT, PRIMARY_METRIC, drop_percent, evaluate
 from models import UnifiedMultiTaskModel, pick_device
-from train import HelpWithDefaults, checkpoint_img_sizes, describe_sizes
+from train import STAGES, HelpWithDefaults, blend_toward_teacher, checkpoint_img_sizes, describe_sizes
 
 BASELINE_FLAGS = {"seg": "base_miou", "det": "base_map", "cls": "base_top1"}
 
@@ -42,6 +43,12 @@ def parse_args(argv=None):
     p.add_argument("--img_size", type=int, help="input size of every task (default: each task's size in the checkpoint)")
     p.add_argument("--bootstrap", type=int, default=0, metavar="N",
                    help="also print a 95%% interval of each score from N resamples of the val images (e.g. 1000)")
+    p.add_argument("--blend_with", metavar="CKPT",
+                   help="score a blend of --weights with this earlier checkpoint (e.g. the stage before), as "
+                        "train.py --blend_steps tries them; needs --blend")
+    p.add_argument("--blend", type=float, metavar="ALPHA",
+                   help="with --blend_with: ALPHA x --weights + (1 - ALPHA) x CKPT, the --weights stage's own "
+                        "head unblended")
     p.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
     p.add_argument("--save_vis", metavar="DIR", help="write a few prediction pictures per task")
     p.add_argument("--num_vis", type=int, default=4, help="pictures per task with --save_vis")
@@ -53,6 +60,8 @@ def parse_args(argv=None):
     args.tasks = tasks
     if args.split == "train" and any(getattr(args, flag) is not None for flag in BASELINE_FLAGS.values()):
         p.error("--base_miou/--base_map/--base_top1 are val scores; they do not apply with --split train")
+    if (args.blend_with is None) != (args.blend is None) or not 0 <= (args.blend or 0) <= 1:
+        p.error("--blend_with CKPT and --blend ALPHA go together, ALPHA in [0, 1]")
     if args.bootstrap < 0:
         p.error(f"--bootstrap must be 0 (off) or a number of resamples, got {args.bootstrap}")
     return args
@@ -79,11 +88,26 @@ def load_model(path, device):
     return model.to(device).use_channels_last().eval(), ckpt
 
 
+def blend_with(model, ckpt, path, alpha, device):
+    """--blend_with/--blend: load into `model` the blend train.py's --blend_steps would try of the
+    checkpoint (`ckpt`, already in `model`) with the earlier checkpoint at `path`; returns `ckpt`
+    marked with the blend."""
+    earlier_model, earlier = load_model(path, device)
+    if earlier["backbone"] != ckpt["backbone"] or earlier.get("stage", 0) >= ckpt.get("stage", 0):
+        raise ValueError(f"--blend_with {path}: expected an earlier stage's checkpoint of the same backbone "
+                         f"({ckpt['backbone']}, before stage {ckpt.get('stage')})")
+    primary = dict(STAGES)[ckpt["stage"]]
+    model.load_state_dict(blend_toward_teacher(model.state_dict(), earlier_model.state_dict(), alpha, primary))
+    return {**ckpt, "blend": alpha}
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
         device = pick_device(args.device)
         model, ckpt = load_model(args.weights, device)
+        if args.blend_with:
+            ckpt = blend_with(model, ckpt, args.blend_with, args.blend, device)
         img_sizes = dict.fromkeys(TASKS, args.img_size) if args.img_size else checkpoint_img_sizes(ckpt)
         datasets = {t: build_dataset(t, args.data_root, args.split, img_sizes[t], train=False) for t in args.tasks}
     except (ValueError, DataError) as err:
@@ -130,8 +154,8 @@ def print_table(report, tasks):
     print(f"backbone {report['backbone']}, {describe_sizes(report['img_sizes'])}, weights {report['weights']}, "
           f"{report['split']} images")
     if report.get("blend") is not None:
-        print(f"weights: the kept epoch blended {report['blend']:g} with the previous stage's "
-              "(no epoch kept every earlier task within 5%; train.py --blend_steps)")
+        print(f"weights: blended {report['blend']:g} with the previous stage's (train.py --blend_steps, "
+              "eval.py --blend_with)")
     details = report["details"]
     print(f"{'task':<5} {'metric':<7} {'baseline':>9} {'final':>8} {'drop %':>8}  result")
     for task in tasks:

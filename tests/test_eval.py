@@ -141,3 +141,25 @@ def test_unknown_task_and_bad_data_root_are_errors(trained, tmp_path):
     assert result.returncode == 2 and "--tasks" in result.stderr
     result = run_cli("--weights", str(trained / "model_final_best_1pass.pt"), "--data_root", str(tmp_path))
     assert result.returncode != 0 and "Traceback" not in result.stderr and str(tmp_path) in result.stderr
+
+
+def test_blend_flags_are_checked(trained, demo_root):
+    final, s2 = str(trained / "model_final_best_1pass.pt"), str(trained / "model_s2_best.pt")
+    for flags in (["--blend_with", s2], ["--blend", "0.5"], ["--blend_with", s2, "--blend", "1.5"]):
+        result = run_cli("--weights", final, "--data_root", str(demo_root), *flags)
+        assert result.returncode == 2 and "--blend_with CKPT and --blend ALPHA" in result.stderr
+    # a later stage's checkpoint is not an earlier one to blend toward
+    result = run_cli("--weights", s2, "--blend_with", final, "--blend", "0.5", "--data_root", str(demo_root))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "--blend_with" in result.stderr
+
+
+def test_blend_1_is_the_checkpoint_and_blend_0_the_earlier_one_but_the_new_head(trained, demo_root):
+    final, s2 = str(trained / "model_final_best_1pass.pt"), str(trained / "model_s2_best.pt")
+    common = ["--data_root", str(demo_root), "--tasks", "seg,det"]
+    plain = eval_script.main(["--weights", final, *common])
+    assert eval_script.main(["--weights", final, "--blend_with", s2, "--blend", "1", *common])["metrics"] == \
+        pytest.approx(plain["metrics"])
+    earlier = eval_script.main(["--weights", s2, *common])  # seg and det use no cls head
+    blended = eval_script.main(["--weights", final, "--blend_with", s2, "--blend", "0", *common])
+    assert blended["metrics"] == pytest.approx(earlier["metrics"]) and blended["blend"] == 0

@@ -619,6 +619,12 @@ def test_a_stage_that_kept_no_epoch_within_5_percent_keeps_a_blend(tiny_run, dem
                                str(demo_root), "--tasks", "cls"])
     assert report["metrics"]["top1"] == pytest.approx(final["baselines"]["top1"])  # the blend's own score
     assert "blended 0.95 with the previous stage's" in capsys.readouterr().out
+    # eval.py scores the same blend from the two checkpoints
+    unblended = tmp_path / "unblended.pt"
+    torch.save({k: v for k, v in {**final, "model": epoch_weights}.items() if k != "blend"}, unblended)
+    again = eval_script.main(["--weights", str(unblended), "--blend_with", str(s2),
+                              "--blend", "0.95", "--data_root", str(demo_root), "--tasks", "cls"])
+    assert again["metrics"]["top1"] == pytest.approx(report["metrics"]["top1"])
 
 
 def test_blending_is_off_with_blend_steps_0(tiny_run, demo_root, tmp_path, monkeypatch):
