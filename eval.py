@@ -91,14 +91,16 @@ def load_model(path, device):
 def blend_with(model, ckpt, path, alpha, device):
     """--blend_with/--blend: load into `model` the blend train.py's --blend_steps would try of the
     checkpoint (`ckpt`, already in `model`) with the earlier checkpoint at `path`; returns `ckpt`
-    marked with the blend."""
+    marked with the blend, without its own task's baseline (the unblended model's score; train.py
+    makes a kept blend's own score the baseline)."""
     earlier_model, earlier = load_model(path, device)
     if earlier["backbone"] != ckpt["backbone"] or earlier.get("stage", 0) >= ckpt.get("stage", 0):
         raise ValueError(f"--blend_with {path}: expected an earlier stage's checkpoint of the same backbone "
                          f"({ckpt['backbone']}, before stage {ckpt.get('stage')})")
     primary = dict(STAGES)[ckpt["stage"]]
     model.load_state_dict(blend_toward_teacher(model.state_dict(), earlier_model.state_dict(), alpha, primary))
-    return {**ckpt, "blend": alpha}
+    baselines = {m: v for m, v in ckpt.get("baselines", {}).items() if m != PRIMARY_METRIC[primary]}
+    return {**ckpt, "baselines": baselines, "blend": alpha}
 
 
 def main(argv=None):
