@@ -549,8 +549,8 @@ def blend_until_within(model, teacher, primary, baselines, steps, score, log):
     epoch. Try them blended back toward the teacher, (steps-1)/steps of the new weights first,
     then less; return (alpha, metrics) of the first blend that keeps every earlier task within
     5% (`score(model)` gives the val metrics), `model` holding it, or None with `model` back to
-    the kept weights. Moving back toward the teacher gives back the earlier tasks' scores faster
-    than it takes the new task's (RESULTS.md)."""
+    the kept weights. Each step back gives up some of the new task for the earlier ones; the
+    first blend that holds them gives up the least (RESULTS.md, session 31)."""
     kept = copy.deepcopy(model.state_dict())
     teacher_weights = teacher.state_dict()
     log.info("no epoch kept every earlier task within 5%: blending the kept weights back toward the teacher's")
