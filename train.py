@@ -535,6 +535,11 @@ def fit_backbone_probe(teacher, dataset, amp_dtype, log):
     return probe
 
 
+def scores_line(metrics):
+    """The scalar val scores of `metrics` as one log line: mIoU=0.5123 mAP_50=0.0612 ..."""
+    return " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+
+
 def blend_toward_teacher(weights, teacher_weights, alpha, primary):
     """alpha x the stage's weights + (1 - alpha) x the teacher's, for every float tensor
     (BatchNorm statistics too) but the primary task's head, which the teacher never trained:
@@ -558,7 +563,7 @@ def blend_until_within(model, teacher, primary, baselines, steps, score, log):
         alpha = share / steps
         model.load_state_dict(blend_toward_teacher(kept, teacher_weights, alpha, primary))
         metrics = score(model)
-        log.info(f"  blend {alpha:g}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+        log.info(f"  blend {alpha:g}: {scores_line(metrics)}")
         if within_max_drop(metrics, baselines):
             return alpha, metrics
     model.load_state_dict(kept)
@@ -680,8 +685,7 @@ def run_stage(stage, primary, model, data, state, args, device, log):
                   "time_s": round(time.time() - started, 2)}
         with open(out_dir / "training_log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
-        shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-        log.info(f"stage {stage} epoch {epoch}/{epochs} loss {losses['total']:.4f} {shown}"
+        log.info(f"stage {stage} epoch {epoch}/{epochs} loss {losses['total']:.4f} {scores_line(metrics)}"
                  f"{' *best*' if is_best else ''} ({record['time_s']:.1f}s)")
         state.update(stage=stage, epoch=epoch, best_key=best_key, optimizer=optimizer.state_dict(),
                      scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), replay_rng=replay_rng.get_state(),
