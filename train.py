@@ -806,24 +806,41 @@ def start_from_checkpoint(path, out_dir, model, args):
     return {"baselines": ckpt["baselines"], "stage": ckpt["stage"] + 1}
 
 
+# A resumed run may move (data, outputs, device) and run its stages longer; every other flag is
+# part of the recipe and must be the first run's. The weights come from last.pt, so --no-pretrained
+# does not matter; sizes and factor tables are compared as the tables they become.
+RESUME_MAY_CHANGE = {"data_root", "out_dir", "device", "workers", "epochs_seg", "epochs_det", "epochs_cls",
+                     "resume", "start_from", "stop_after_epochs", "demo", "pretrained",
+                     "img_size", "img_size_seg", "img_size_det", "img_size_cls", "img_sizes", "lr_factor",
+                     "lr_factors", "backbone"}
+# What runs did before a flag existed, where the flag's default changed the recipe; a flag
+# missing from an older run and not named here was added with the old behaviour as its default.
+BEFORE_THE_FLAGS = {"lr_schedule": "plateau", "ema_decay": 0.0, "distill_seg_new_images": {2: 0.0, 3: 0.0},
+                    "distill_det_new_images": 0.0, "distill_backbone_probe": 0.0, "blend_steps": 0}
+
+
+def as_flag(flag, value):
+    """How a saved argument reads on the command line, for resume's error message."""
+    if isinstance(value, bool) or value is None:
+        return f"--{flag}" if value else f"no --{flag}"
+    if isinstance(value, dict):  # --distill_seg_new_images: stage -> weight
+        return f"--{flag} " + " ".join(f"{v:g}" for v in value.values())
+    if isinstance(value, (tuple, list)):  # the scale jitters: LOW,HIGH
+        return f"--{flag} " + ",".join(f"{v:g}" for v in value)
+    return f"--{flag} {value:g}" if isinstance(value, float) else f"--{flag} {value}"
+
+
 def resume_state(out_dir, model, args):
     path = out_dir / "last.pt"
     if not path.exists():
         raise ValueError(f"--resume: {path} not found; start without --resume")
     state = torch.load(path, map_location="cpu", weights_only=False)
-    sizes = checkpoint_img_sizes(state["args"])
-    if state["args"]["backbone"] != args.backbone or sizes != args.img_sizes:
-        raise ValueError(f"--resume: {path} was trained with backbone {state['args']['backbone']} and "
+    saved_args = state["args"]
+    sizes = checkpoint_img_sizes(saved_args)
+    if saved_args["backbone"] != args.backbone or sizes != args.img_sizes:
+        raise ValueError(f"--resume: {path} was trained with backbone {saved_args['backbone']} and "
                          f"{describe_sizes(sizes)}; pass the same flags")
-    # what runs did before each flag existed: a run resumed under a changed default must not switch recipe
-    before_the_flags = {"lr_schedule": "plateau", "ema_decay": 0.0, "distill_seg_new_images": {2: 0.0, 3: 0.0},
-                        "distill_det_new_images": 0.0, "distill_backbone_probe": 0.0, "blend_steps": 0}
-    for flag, before_the_flag in before_the_flags.items():
-        saved = state["args"].get(flag, before_the_flag)
-        if saved != getattr(args, flag):
-            value = " ".join(f"{w:g}" for w in saved.values()) if isinstance(saved, dict) else saved
-            raise ValueError(f"--resume: {path} was trained with --{flag} {value}; pass the same flag")
-    for stage, table in state["args"]["lr_factors"].items():  # a changed factor (or default) would switch recipe too
+    for stage, table in saved_args["lr_factors"].items():  # a changed factor (or default) would switch recipe too
         saved = {}
         for module, factor in table.items():  # a run saved before session 26 has one backbone factor
             set_factor(saved, module, factor)
@@ -831,6 +848,11 @@ def resume_state(out_dir, model, args):
             if args.lr_factors[int(stage)].get(module) != factor:
                 raise ValueError(f"--resume: {path} was trained with --lr_factor {stage} {module} {factor:g}; "
                                  "pass the same flag")
+    for flag, value in vars(args).items():
+        if flag not in RESUME_MAY_CHANGE:
+            saved = saved_args.get(flag, BEFORE_THE_FLAGS.get(flag, value))
+            if saved != value:
+                raise ValueError(f"--resume: {path} was trained with {as_flag(flag, saved)}; pass the same flag")
     model.load_state_dict(state.pop("model"))
     state.pop("args")
     state.pop("epochs_this_run", None)  # counts this invocation's epochs only (--stop_after_epochs)

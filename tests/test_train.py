@@ -3,6 +3,7 @@ import copy
 import json
 import logging
 import platform
+import shutil
 
 import pytest
 import torch
@@ -467,13 +468,25 @@ def test_cosine_schedule_restarts_in_every_stage(demo_root, tmp_path):
                                                ("--distill_seg_new_images", "2", "4 1"),
                                                ("--distill_backbone_probe", "1", "0"), ("--blend_steps", "0", "20"),
                                                ("--lr_factor", "3 shared_late 0.5",
-                                                f"3 shared_late {train.LR_FACTORS[3]['shared_late']:g}")])
+                                                f"3 shared_late {train.LR_FACTORS[3]['shared_late']:g}"),
+                                               ("--lr_det", "1e-3", "0.003"), ("--seed", "1", "0"),
+                                               ("--det_scale_jitter", "0.8,1.2", "0.5,1.5")])
 def test_resume_with_another_recipe_flag_is_a_clear_error(demo_root, tmp_path, flag, value, saved):
     with pytest.raises(SystemExit):
         run_train(demo_root, tmp_path, "--stop_after_epochs", "1")
     with pytest.raises(SystemExit) as exit_info:
         run_train(demo_root, tmp_path, "--resume", flag, *value.split())
     assert f"{flag} {saved}" in str(exit_info.value)
+
+
+def test_resume_may_run_a_stage_longer_and_move_the_data(demo_root, tmp_path):
+    with pytest.raises(SystemExit):
+        run_train(demo_root, tmp_path, "--stop_after_epochs", "1")
+    moved = tmp_path / "moved_data"
+    shutil.copytree(demo_root, moved)
+    train.main(["--data_root", str(moved), "--out_dir", str(tmp_path), *TINY, "--resume", "--epochs_cls", "2"])
+    records = [json.loads(line) for line in (tmp_path / "training_log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if r["task"] == "cls"] == [1, 2]
 
 
 def test_resume_of_a_run_saved_before_the_backbone_split_keeps_its_recipe(demo_root, tmp_path):
