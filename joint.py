@@ -22,7 +22,7 @@ resuming, the demo and --baseline_mode are not flags here (for demo data: python
 datasets.py --make-demo DIR, then --data_root DIR); a stage-2/3 --lr_factor or another
 task's --lr_* stops it with an error instead of being ignored. Outputs in --out_dir:
 model_joint_best.pt and joint_log.jsonl (one JSON object per epoch; python plot_log.py
---log OUT/joint_log.jsonl draws it).
+--log OUT_DIR/joint_log.jsonl draws it).
 """
 import argparse
 import json

@@ -1,11 +1,12 @@
 """Figures from the machine-readable training log written by train.py (or joint.py).
 
-    python plot_log.py --log OUT/training_log.jsonl --out_dir plots
-    python plot_log.py --log OUT/joint_log.jsonl --out_dir plots     # a joint.py run
+    python plot_log.py                                  # after a bare `python train.py`
+    python plot_log.py --log runs/lite0/training_log.jsonl --out_dir plots
+    python plot_log.py --log runs/joint/joint_log.jsonl --out_dir plots_joint  # a joint.py run
 
 The log has one JSON object per finished epoch (see train.py), for example
 
-    {"stage": 1, "task": "seg", "epoch": 3, "epochs": 50, "lr": 0.0001,
+    {"stage": 1, "task": "seg", "epoch": 3, "epochs": 30, "lr": 0.001,
      "losses": {"total": 1.23, "seg": 1.1}, "mIoU": 0.31,
      "baselines": {"mIoU": 0.33}, "best": true, "time_s": 12.3}
 
@@ -231,7 +232,7 @@ def plot_summary(by_stage, path):
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Plot losses, metrics, lr and forgetting "
                                      "from train.py's training_log.jsonl (or joint.py's joint_log.jsonl).")
-    parser.add_argument("--log", default="OUT/training_log.jsonl",
+    parser.add_argument("--log", default="training_log.jsonl",  # where a bare `python train.py` writes it
                         help="machine log written by train.py or joint.py (default: %(default)s)")
     parser.add_argument("--out_dir", default="plots",
                         help="folder for the PNG files (default: %(default)s)")

@@ -67,6 +67,14 @@ def test_three_stages_write_all_figures(tmp_path, capsys):
         assert str(out / name) in printed
 
 
+def test_bare_command_reads_the_log_of_a_bare_train_run(tmp_path, monkeypatch):
+    import train
+    monkeypatch.chdir(tmp_path)
+    write_log(Path(train.parse_args([]).out_dir) / "training_log.jsonl", three_stage_records())
+    plot_log.main([])
+    assert_png(tmp_path / "plots" / "forgetting_summary.png")
+
+
 def test_each_stage_figure_draws_the_earlier_tasks_baselines_only(tmp_path, monkeypatch):
     drawn = []
     monkeypatch.setattr(plot_log, "plot_epochs",
