@@ -37,7 +37,7 @@ import torch
 import train
 from datasets import TASKS, build_dataset
 from metrics import evaluate
-from models import UnifiedMultiTaskModel, pick_device
+from models import UnifiedMultiTaskModel, input_size, pick_device
 from replay import ReplayBank
 
 MODES = {  # name: (channels_last, cache, teacher_cache, backbone factor in stages 2-3 (None: train.py's), keep freed memory, amp)
@@ -56,7 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--data_root", default="DL_data", help="folder of the three datasets")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--backbone", default="efficientnet_lite0", help="as train.py's --backbone")
-    p.add_argument("--img_size", type=int, default=224, help="input size of every task")
+    p.add_argument("--img_size", type=input_size, default=224, help="input size of every task")
     p.add_argument("--batch_size", type=int, default=32, help="images of the stage's own task per step")
     p.add_argument("--replay_batch_size", type=int, default=8, help="images of each earlier task replayed per step")
     p.add_argument("--stages", default="3", help="comma list of stages to time (1, 2, 3); stage 3 gives speedup=")

@@ -29,7 +29,7 @@ from datasets import DataError, build_dataset, collate, train_augmentation
 from detection import decode, detection_loss
 from eval import load_model
 from metrics import DetectionMetric
-from models import UnifiedMultiTaskModel, pick_device
+from models import UnifiedMultiTaskModel, input_size, pick_device
 from train import HelpWithDefaults, autocast_dtype, build_parser, checkpoint_img_sizes, scale_range, set_seed, set_train_mode
 
 TRUNK = ("neck", "shared_conv1", "shared_conv2", "shared_conv3")  # the layers above the backbone, in order
@@ -49,7 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=32, help="cached views per step")
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (train.py's --lr_det)")
     p.add_argument("--weight_decay", type=float, default=1e-4, help="AdamW weight decay")
-    p.add_argument("--img_size", type=int, help="input size (default: the checkpoint's detection size)")
+    p.add_argument("--img_size", type=input_size, help="input size (default: the checkpoint's detection size)")
     p.add_argument("--seed", type=int, default=0, help="the views' augmentation, the fresh layers, the shuffling")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     args = p.parse_args(argv)

@@ -22,7 +22,7 @@ import torch
 
 from datasets import TASKS, DataError, build_dataset
 from metrics import MAX_DROP_PERCENT, PRIMARY_METRIC, drop_percent, evaluate
-from models import UnifiedMultiTaskModel, pick_device
+from models import UnifiedMultiTaskModel, input_size, pick_device
 from train import STAGES, HelpWithDefaults, blend_toward_teacher, checkpoint_img_sizes, describe_sizes
 
 BASELINE_FLAGS = {"seg": "base_miou", "det": "base_map", "cls": "base_top1"}
@@ -40,7 +40,7 @@ def parse_args(argv=None):
                    help="the images scored; train shows no baselines or drops (those are val scores)")
     p.add_argument("--batch_size", type=int, default=32, help="images per forward pass")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--img_size", type=int, help="input size of every task (default: each task's size in the checkpoint)")
+    p.add_argument("--img_size", type=input_size, help="input size of every task (default: each task's size in the checkpoint)")
     p.add_argument("--bootstrap", type=int, default=0, metavar="N",
                    help="also print a 95%% interval of each score from N resamples of the val images (e.g. 1000)")
     p.add_argument("--blend_with", metavar="CKPT",
@@ -94,9 +94,10 @@ def blend_with(model, ckpt, path, alpha, device):
     marked with the blend, without its own task's baseline (the unblended model's score; train.py
     makes a kept blend's own score the baseline)."""
     earlier_model, earlier = load_model(path, device)
-    if earlier["backbone"] != ckpt["backbone"] or earlier.get("stage", 0) >= ckpt.get("stage", 0):
-        raise ValueError(f"--blend_with {path}: expected an earlier stage's checkpoint of the same backbone "
-                         f"({ckpt['backbone']}, before stage {ckpt.get('stage')})")
+    stages = earlier.get("stage"), ckpt.get("stage")  # joint.py's checkpoints have stage "joint"
+    if earlier["backbone"] != ckpt["backbone"] or not all(isinstance(s, int) for s in stages) or stages[0] >= stages[1]:
+        raise ValueError(f"--blend_with {path}: expected train.py stage checkpoints, this one of an earlier stage "
+                         f"than --weights (stage {stages[1]}) and of the same backbone ({ckpt['backbone']})")
     primary = dict(STAGES)[ckpt["stage"]]
     model.load_state_dict(blend_toward_teacher(model.state_dict(), earlier_model.state_dict(), alpha, primary))
     baselines = {m: v for m, v in ckpt.get("baselines", {}).items() if m != PRIMARY_METRIC[primary]}

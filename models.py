@@ -129,6 +129,14 @@ def load_lite0_imagenet_state_dict():
     return {lite0_key_to_timm(k): v for k, v in state.items()}
 
 
+def input_size(text):
+    """argparse type of every --img_size flag: the backbone halves its input five times."""
+    size = int(text)
+    if size < 32 or size % 32:
+        raise argparse.ArgumentTypeError(f"expected a positive multiple of 32 (the backbone's stride), got {text}")
+    return size
+
+
 def build_backbone(name: str, pretrained: bool) -> nn.Module:
     if name == "efficientnet_b0":
         return EfficientNetB0Backbone(pretrained)
@@ -234,7 +242,7 @@ def main(argv=None):
     parser.add_argument("--backbone", default="efficientnet_b0", choices=BACKBONES)
     parser.add_argument("--no-pretrained", dest="pretrained", action="store_false",
                         help="random initialisation instead of ImageNet weights")
-    parser.add_argument("--img_size", type=int, default=224)
+    parser.add_argument("--img_size", type=input_size, default=224)
     args = parser.parse_args(argv)
     try:
         model = UnifiedMultiTaskModel(args.backbone, pretrained=args.pretrained).eval()

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from datasets import DataError, build_dataset, make_loader
 from eval import load_model
-from models import pick_device
+from models import input_size, pick_device
 from train import HelpWithDefaults, checkpoint_img_sizes
 
 
@@ -26,7 +26,7 @@ def parse_args(argv=None):
     p.add_argument("--data_root", default="DL_data", help="folder of the three datasets")
     p.add_argument("--weight_decay", type=float, default=1e-2, help="L2 weight of the logistic regression")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--img_size", type=int, help="input size of the classification images (default: the checkpoint's)")
+    p.add_argument("--img_size", type=input_size, help="input size of the classification images (default: the checkpoint's)")
     return p.parse_args(argv)
 
 

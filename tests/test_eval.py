@@ -143,7 +143,7 @@ def test_unknown_task_and_bad_data_root_are_errors(trained, tmp_path):
     assert result.returncode != 0 and "Traceback" not in result.stderr and str(tmp_path) in result.stderr
 
 
-def test_blend_flags_are_checked(trained, demo_root):
+def test_blend_flags_are_checked(trained, demo_root, tmp_path):
     final, s2 = str(trained / "model_final_best_1pass.pt"), str(trained / "model_s2_best.pt")
     for flags in (["--blend_with", s2], ["--blend", "0.5"], ["--blend_with", s2, "--blend", "1.5"]):
         result = run_cli("--weights", final, "--data_root", str(demo_root), *flags)
@@ -152,6 +152,12 @@ def test_blend_flags_are_checked(trained, demo_root):
     result = run_cli("--weights", s2, "--blend_with", final, "--blend", "0.5", "--data_root", str(demo_root))
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip().count("\n") == 0 and "--blend_with" in result.stderr
+    # nor is a joint.py checkpoint (its stage is "joint")
+    joint_ckpt = {**torch.load(s2, weights_only=False), "stage": "joint"}
+    torch.save(joint_ckpt, tmp_path / "joint.pt")
+    result = run_cli("--weights", final, "--blend_with", str(tmp_path / "joint.pt"), "--blend", "0.5",
+                     "--data_root", str(demo_root))
+    assert result.returncode != 0 and "Traceback" not in result.stderr and "--blend_with" in result.stderr
 
 
 def test_blend_1_is_the_checkpoint_and_blend_0_the_earlier_one_but_the_new_head(trained, demo_root):

@@ -1,6 +1,7 @@
 """models.py: output shapes, parameter budget, the command line, the two pretrained-weight
 paths (torchvision's B0 cache under TORCH_HOME, the Lite0 file of the PyPI package), and a
 check that the Lite0 backbone is genuinely ImageNet-pretrained (real data; skipped without)."""
+import importlib
 import os
 import re
 import subprocess
@@ -255,3 +256,14 @@ def test_pick_device_gives_clear_errors():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             pick_device("cuda")
+
+
+@pytest.mark.parametrize("script", ["train", "eval", "probe", "det_probe", "bench"])
+def test_every_img_size_flag_takes_multiples_of_32_only(script, capsys):
+    parse_args = importlib.import_module(script).parse_args
+    needs = ["--weights", "w.pt"] if script in ("eval", "probe", "det_probe") else []
+    assert parse_args([*needs, "--img_size", "288"]).img_size == 288
+    for size in ("300", "0", "big"):
+        with pytest.raises(SystemExit) as exit_info:
+            parse_args([*needs, "--img_size", size])
+        assert exit_info.value.code == 2 and "--img_size" in capsys.readouterr().err
