@@ -324,7 +324,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Check the DL_data layout, or write the demo dataset.")
     parser.add_argument("--data_root", default="DL_data")
     parser.add_argument("--img_size", type=int, default=64, help="resize used while checking (small = fast)")
-    parser.add_argument("--make-demo", dest="make_demo", metavar="DIR", help="write the tiny demo dataset to DIR")
+    parser.add_argument("--make-demo", "--make_demo", dest="make_demo", metavar="DIR",
+                        help="write the tiny demo dataset to DIR")
     args = parser.parse_args(argv)
     if args.make_demo:
         from demo_data import make_demo

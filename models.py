@@ -240,7 +240,7 @@ def count_trainable_parameters(model: nn.Module) -> int:
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Build the model and print its trainable parameter count.")
     parser.add_argument("--backbone", default="efficientnet_b0", choices=BACKBONES)
-    parser.add_argument("--no-pretrained", dest="pretrained", action="store_false",
+    parser.add_argument("--no-pretrained", "--no_pretrained", dest="pretrained", action="store_false",
                         help="random initialisation instead of ImageNet weights")
     parser.add_argument("--img_size", type=input_size, default=224)
     args = parser.parse_args(argv)

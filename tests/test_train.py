@@ -382,11 +382,16 @@ def test_start_from_a_stage_checkpoint_runs_only_the_later_stages(tiny_run, demo
                                    ["--cls_mixup", "-1"], ["--cls_cutmix", "-0.5"],
                                    ["--distill_seg_new_images", "-1"],
                                    ["--distill_seg_new_images", "4", "1", "1"], ["--blend_steps", "-1"],
-                                   ["--blend_steps", "1"]])
+                                   ["--blend_steps", "1"], ["--demo", "--epochs_seg", "2"],
+                                   ["--demo", "--img_size_cls", "64"]])
 def test_bad_flags_are_rejected(flags, capsys):
     with pytest.raises(SystemExit) as exit_info:
         train.parse_args(flags)
     assert exit_info.value.code == 2 and flags[0] in capsys.readouterr().err
+
+
+def test_no_pretrained_takes_either_spelling():  # every other flag is spelled with underscores
+    assert not train.parse_args(["--no-pretrained"]).pretrained and not train.parse_args(["--no_pretrained"]).pretrained
 
 
 @pytest.mark.parametrize("sequential", [True, False], ids=["train.py", "joint.py"])
