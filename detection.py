@@ -11,8 +11,9 @@ ignored (neither positive nor negative), as COCO ignores crowd regions.
 Assignment "center" is the reference implementation's rule (only the cell holding the box
 centre), kept for the ablation with everything else equal.
 
-Loss: GIoU on decoded boxes of positives, BCE on objectness over every non-ignored cell,
-BCE on one-hot class targets of positives, each normalised by the number of positives.
+Loss: 5 x GIoU on decoded boxes of positives (`box_weight`, as YOLOX weights its IoU term),
+BCE on objectness over every non-ignored cell, BCE on one-hot class targets of positives,
+each normalised by the number of positives.
 Objectness target of a positive: 1 ("binary", the default), or ("iou", as in YOLOv5) the IoU
 of the box it predicts with its ground truth, so that the score ranks cells by how well they
 localise and the poor boxes of off-centre cells lose to the good one in NMS.
@@ -43,7 +44,7 @@ def decode_boxes(box_logits, centers, stride=DET_STRIDE):
     return torch.cat([centers - dist[..., :2], centers + dist[..., 2:]], -1)
 
 
-def assign_targets(boxes, labels, iscrowd, centers, stride=DET_STRIDE, center_radius=2.5, mode="region"):
+def assign_targets(boxes, iscrowd, centers, stride=DET_STRIDE, center_radius=2.5, mode="region"):
     """One image. boxes (M, 4) xyxy pixels at the model's input size.
 
     Returns per cell: `box_index` (-1 = negative, -2 = ignored, else index into boxes)."""
@@ -103,7 +104,7 @@ def detection_loss(det_map, targets, center_radius=2.5, mode="region", objectnes
     for i, target in enumerate(targets):
         boxes = target["boxes"].to(det_map.device, torch.float32)
         labels = target["labels"].to(det_map.device)
-        index = assign_targets(boxes, labels, target["iscrowd"].to(det_map.device), centers,
+        index = assign_targets(boxes, target["iscrowd"].to(det_map.device), centers,
                                center_radius=center_radius, mode=mode)
         positive = index >= 0
         obj_targets.append(positive.float())

@@ -15,7 +15,7 @@ def perfect_map(boxes, labels, iscrowd=None, mode="region"):
     """The det map a perfect model would output for these targets (logit +-8)."""
     iscrowd = torch.zeros(len(labels), dtype=torch.int64) if iscrowd is None else iscrowd
     centers = cell_centers(GRID, GRID)
-    index = assign_targets(boxes, labels, iscrowd, centers, mode=mode)
+    index = assign_targets(boxes, iscrowd, centers, mode=mode)
     det = torch.full((5 + C, GRID * GRID), -8.0)
     det[:4] = 0.0
     for cell in (index >= 0).nonzero().squeeze(1).tolist():
@@ -52,19 +52,19 @@ def test_region_assignment_gives_an_object_several_cells_and_the_smaller_box_win
     centers = cell_centers(GRID, GRID)
     big = torch.tensor([0.0, 0.0, 128.0, 128.0])
     small = torch.tensor([30.0, 30.0, 70.0, 70.0])
-    index = assign_targets(torch.stack([big, small]), torch.tensor([0, 1]), torch.tensor([0, 0]), centers)
+    index = assign_targets(torch.stack([big, small]), torch.tensor([0, 0]), centers)
     assert (index == 0).sum() > 1, "the big box gets several positive cells"
     # Cells whose centres lie in the small box belong to it, not to the big box around it.
     in_small = ((centers > 30) & (centers < 70)).all(1)
     assert (index[in_small] == 1).all() and in_small.sum() == 4
-    center_only = assign_targets(torch.stack([big, small]), torch.tensor([0, 1]), torch.tensor([0, 0]), centers,
+    center_only = assign_targets(torch.stack([big, small]), torch.tensor([0, 0]), centers,
                                  mode="center")
     assert (center_only >= 0).sum() <= 2, "the reference rule: one cell per object"
 
 
 def test_a_tiny_box_still_gets_its_centre_cell():
     centers = cell_centers(GRID, GRID)
-    index = assign_targets(torch.tensor([[50.0, 50.0, 54.0, 53.0]]), torch.tensor([3]), torch.tensor([0]), centers)
+    index = assign_targets(torch.tensor([[50.0, 50.0, 54.0, 53.0]]), torch.tensor([0]), centers)
     assert (index == 0).sum() == 1
     assert (index == 0).nonzero().item() == 3 * GRID + 3   # the cell holding (52, 51.5)
 
@@ -72,7 +72,7 @@ def test_a_tiny_box_still_gets_its_centre_cell():
 def test_crowd_boxes_are_neither_positive_nor_negative():
     centers = cell_centers(GRID, GRID)
     boxes = torch.tensor([[0.0, 0.0, 64.0, 64.0], [64.0, 64.0, 128.0, 128.0]])
-    index = assign_targets(boxes, torch.tensor([0, 0]), torch.tensor([0, 1]), centers)
+    index = assign_targets(boxes, torch.tensor([0, 1]), centers)
     in_crowd = ((centers > 64) & (centers < 128)).all(1)
     assert (index[in_crowd] == -2).all(), "cells inside the crowd box are ignored"
     assert (index == 1).sum() == 0, "a crowd box is never a target"
