@@ -1,7 +1,8 @@
 """Task losses and the LwF distillation losses, one place for each.
 
     task_loss(task, outputs, targets)            the primary task's supervised loss
-    distillation_loss(task, student, teacher)    what keeps an earlier task alive on its
+    distillation_loss(task, student, teacher, weights, temperature)
+                                                 what keeps an earlier task alive on its
                                                  replay images (seg KL, det MSE + feature
                                                  MSE, cls KL); zero when student == teacher
 """
