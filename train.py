@@ -831,12 +831,12 @@ BEFORE_THE_FLAGS = {"lr_schedule": "plateau", "ema_decay": 0.0, "distill_seg_new
 def as_flag(flag, value):
     """How a saved argument reads on the command line, for resume's error message."""
     if isinstance(value, bool) or value is None:
-        return f"--{flag}" if value else f"no --{flag}"
+        return f"with --{flag}" if value else f"without --{flag}"
     if isinstance(value, dict):  # --distill_seg_new_images: stage -> weight
-        return f"--{flag} " + " ".join(f"{v:g}" for v in value.values())
+        return f"with --{flag} " + " ".join(f"{v:g}" for v in value.values())
     if isinstance(value, (tuple, list)):  # the scale jitters: LOW,HIGH
-        return f"--{flag} " + ",".join(f"{v:g}" for v in value)
-    return f"--{flag} {value:g}" if isinstance(value, float) else f"--{flag} {value}"
+        return f"with --{flag} " + ",".join(f"{v:g}" for v in value)
+    return f"with --{flag} {value:g}" if isinstance(value, float) else f"with --{flag} {value}"
 
 
 def resume_state(out_dir, model, args):
@@ -861,7 +861,7 @@ def resume_state(out_dir, model, args):
         if flag not in RESUME_MAY_CHANGE:
             saved = saved_args.get(flag, BEFORE_THE_FLAGS.get(flag, value))
             if saved != value:
-                raise ValueError(f"--resume: {path} was trained with {as_flag(flag, saved)}; pass the same flag")
+                raise ValueError(f"--resume: {path} was trained {as_flag(flag, saved)}; pass the same flags")
     model.load_state_dict(state.pop("model"))
     state.pop("args")
     state.pop("epochs_this_run", None)  # counts this invocation's epochs only (--stop_after_epochs)

@@ -484,6 +484,14 @@ def test_resume_with_another_recipe_flag_is_a_clear_error(demo_root, tmp_path, f
     assert f"{flag} {saved}" in str(exit_info.value)
 
 
+def test_resume_error_writes_the_saved_flag_as_it_is_typed():
+    assert train.as_flag("baseline_mode", True) == "with --baseline_mode"
+    assert train.as_flag("seg_scale_jitter", None) == "without --seg_scale_jitter"
+    assert train.as_flag("det_scale_jitter", (0.5, 1.5)) == "with --det_scale_jitter 0.5,1.5"
+    assert train.as_flag("distill_seg_new_images", {2: 4.0, 3: 1.0}) == "with --distill_seg_new_images 4 1"
+    assert train.as_flag("lr_det", 0.003) == "with --lr_det 0.003" and train.as_flag("seed", 2) == "with --seed 2"
+
+
 def test_resume_may_run_a_stage_longer_and_move_the_data(demo_root, tmp_path):
     with pytest.raises(SystemExit):
         run_train(demo_root, tmp_path, "--stop_after_epochs", "1")
