@@ -257,9 +257,11 @@ def parse_args(argv=None, parser=None):
             p.error(f"--lr_factor {stage} {module} {value}: VALUE must be >= 0")
         set_factor(args.lr_factors[int(stage)], module, factor)
     if getattr(args, "demo", False):
-        given = [f"--{name}" for name in DEMO_SETS if getattr(args, name) != p.get_default(name)]
+        fixed = ("data_root", *DEMO_SETTINGS, *(f"img_size_{task}" for task in TASKS))
+        given = [f"--{name}" for name in fixed if getattr(args, name) != p.get_default(name)]
         if given:
             p.error(f"--demo sets {', '.join(given)} itself; run without --demo to choose them")
+        vars(args).update(DEMO_SETTINGS)
     args.img_sizes = {}
     for task in TASKS:  # --img_size_TASK, else --img_size, else the task's default
         flag = f"img_size_{task}" if getattr(args, f"img_size_{task}") is not None else "img_size"
@@ -268,22 +270,21 @@ def parse_args(argv=None, parser=None):
     return args
 
 
-# The flags --demo sets itself (apply_demo_settings); giving one of them with --demo is an error.
-DEMO_SETS = ("data_root", "backbone", "img_size", "img_size_seg", "img_size_det", "img_size_cls", "batch_size",
-             "epochs_seg", "epochs_det", "epochs_cls", "ema_decay")
+# --demo: small images, a short schedule, the offline backbone; parse_args sets these (and every
+# task's input size, and apply_demo_settings the data), so giving one of them with --demo is an error.
+# ema_decay 0.8: the default 0.95 averages about the last 20 steps, most of a 48-step demo stage (Top-1 0.17
+# against 0.58).
+DEMO_SETTINGS = {"backbone": "efficientnet_lite0", "img_size": 128, "batch_size": 8,
+                 "epochs_seg": 10, "epochs_det": 10, "epochs_cls": 8, "ema_decay": 0.8}
 
 
 def apply_demo_settings(args):
-    """--demo: small generated data, small images, a short schedule, the offline backbone."""
+    """--demo: the generated data in a temporary folder, outputs in demo_out/ (the flags: DEMO_SETTINGS)."""
     from demo_data import make_demo
 
     args.data_root = str(make_demo(tempfile.mkdtemp(prefix="onehead_demo_"), n_train=48, n_val=24))
     if args.out_dir == ".":
         args.out_dir = "demo_out"
-    args.backbone, args.img_sizes, args.batch_size = "efficientnet_lite0", dict.fromkeys(TASKS, 128), 8
-    args.epochs_seg, args.epochs_det, args.epochs_cls = 10, 10, 8
-    # 0.95 averages about the last 20 steps: most of a 48-step demo stage (Top-1 0.17 against 0.58)
-    args.ema_decay = 0.8
 
 
 # ----------------------------------------------------------------------------- helpers
