@@ -20,15 +20,18 @@ Modes (each one adds a single optimisation to the previous, so the table is an a
 Throughput counts primary-task training images per second of a whole epoch (240 images,
 replay batches and distillation included). Every mode does train.py's default step: the
 weight average (--ema_decay) is updated after every step, and in stages 2-3 the teacher also
-runs on the new task's batch for segmentation's distillation (--distill_seg_new_images).
-One-time costs (building the image cache, precomputing the teacher) are measured separately
-and, for the speedup, spread over the stage's default number of epochs. The last line is
+runs on the new task's batch for the earlier tasks' distillation on it
+(--distill_seg_new_images, in stage 3 --distill_det_new_images and the backbone probe's,
+--distill_backbone_probe). One-time costs (building the image cache, precomputing the
+teacher, fitting the backbone probe) are measured separately and, for the speedup, spread
+over the stage's default number of epochs. The last line is
 `speedup=<x>`: default over baseline, stage 3 (classification with seg + det replay), the
 stage with the most replay work.
 """
 import argparse
 import copy
 import itertools
+import logging
 import tempfile
 import time
 
@@ -95,10 +98,11 @@ def time_stage_epoch(stage, mode, args, device, data_cache):
     amp_dtype = train.autocast_dtype(amp, device)
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
     weight_average = train.make_weight_average(model, train_args.ema_decay)
-    seg_new_images_weight = train.distill_seg_new_images_weight(train_args, stage, learned)
     started = time.perf_counter()
     banks = {t: ReplayBank(data[t], teacher, torch.Generator().manual_seed(0), precompute=teacher_cache,
                            amp_dtype=amp_dtype) for t in learned}
+    new_images = train.new_images_distillation(train_args, stage, primary, learned, teacher, data, amp_dtype,
+                                               logging.getLogger("bench"))
     synchronize(device)
     setup += time.perf_counter() - started
 
@@ -114,7 +118,7 @@ def time_stage_epoch(stage, mode, args, device, data_cache):
     def run(n):
         batches = ({primary: batch} for batch in itertools.islice(loader, n))
         return train.train_one_epoch(model, batches, banks, optimizer, scaler, train_args, device, amp_dtype,
-                                     weight_average, teacher, seg_new_images_weight)
+                                     weight_average, teacher, **new_images)
 
     run(1)  # warm-up: first-call kernel selection and allocations are not throughput
     synchronize(device)

@@ -581,10 +581,17 @@ def blend_until_within(model, teacher, primary, baselines, steps, score, log):
     return None
 
 
-def distill_seg_new_images_weight(args, stage, learned):
-    """--distill_seg_new_images: the stage's weight of segmentation distilled on the new task's
-    images, 0 while segmentation is not among the tasks learned before the stage."""
-    return args.distill_seg_new_images[stage] if "seg" in learned else 0.0
+def new_images_distillation(args, stage, primary, learned, teacher, train_sets, amp_dtype, log):
+    """What the stage distils on its new task's own images, as train_one_epoch's keyword
+    arguments: the weights of segmentation's and detection's terms (--distill_seg_new_images,
+    --distill_det_new_images; 0 for a task not learned before the stage) and, in the
+    classification stage, the backbone probe (--distill_backbone_probe), fitted here."""
+    backbone_probe = None
+    if primary == "cls" and teacher is not None and args.distill_backbone_probe > 0:
+        backbone_probe = fit_backbone_probe(teacher, train_sets["cls"], amp_dtype, log)
+    return {"seg_new_images_weight": args.distill_seg_new_images[stage] if "seg" in learned else 0.0,
+            "det_new_images_weight": args.distill_det_new_images if "det" in learned else 0.0,
+            "backbone_probe": backbone_probe}
 
 
 def make_weight_average(model, decay):
@@ -661,11 +668,7 @@ def run_stage(stage, primary, model, data, state, args, device, log):
     else:
         state["recent_scores"] = []
 
-    seg_new_images_weight = distill_seg_new_images_weight(args, stage, learned)
-    det_new_images_weight = args.distill_det_new_images if "det" in learned else 0.0
-    backbone_probe = None
-    if primary == "cls" and teacher is not None and args.distill_backbone_probe > 0:
-        backbone_probe = fit_backbone_probe(teacher, data["train"]["cls"], amp_dtype, log)
+    new_images = new_images_distillation(args, stage, primary, learned, teacher, data["train"], amp_dtype, log)
     log.info(f"stage {stage}: {primary} for {epochs} epochs, lr {base_lr:g}, distilling {learned or 'nothing'}")
     for epoch in range(start_epoch, epochs + 1):
         started = time.time()
@@ -676,8 +679,7 @@ def run_stage(stage, primary, model, data, state, args, device, log):
         batches = ({primary: batch} for batch in tqdm(loader, desc=f"s{stage} {primary} {epoch}/{epochs}",
                                                       leave=False, disable=None))
         losses = train_one_epoch(model, batches, replay_banks, optimizer, scaler, args, device, amp_dtype,
-                                 weight_average, teacher, seg_new_images_weight, det_new_images_weight,
-                                 backbone_probe)
+                                 weight_average, teacher, **new_images)
         metrics = validate(scored, data["val"], seen, args)
         own = metrics[PRIMARY_METRIC[primary]]
         lr = head_lr(optimizer, primary)
