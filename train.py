@@ -3,7 +3,9 @@
 Each stage trains one primary task. From stage 2 on, a frozen copy of the model after the
 previous stage is the teacher, and replay batches from the earlier tasks' training sets
 are distilled (LwF): seg KL, det output + shared-feature MSE, cls KL, and seg KL on the
-new task's own images too (--distill_seg_new_images). Layers shared with
+new task's own images too (--distill_seg_new_images; in stage 3 det output MSE as well,
+--distill_det_new_images). Stage 3 also distils the classification output toward a linear
+probe of the teacher's backbone (--distill_backbone_probe). Layers shared with
 earlier tasks learn slowly (a factor table of learning rates; the last shared conv, which
 distillation holds, at the full rate) and keep their BatchNorm
 statistics frozen, so old tasks are not quietly re-normalised. What is validated, kept
@@ -187,10 +189,10 @@ def build_parser(description=__doc__.split("\n\n")[0], sequential=True):
                    help="stages 2-3: also distil segmentation on the new task's own training images (the "
                         "teacher's stride-16 logits, KL at --distill_temp) with weight W (0: off); two values "
                         "give stage 2 and stage 3 their own weights")
-    s.add_argument("--distill_det_new_images", type=float, default=0.0, metavar="W",
+    s.add_argument("--distill_det_new_images", type=float, default=1.0, metavar="W",
                    help="stage 3: also distil detection's outputs (MSE, as on its replay images) on the new "
                         "task's own training images with weight W (0: off)")
-    s.add_argument("--distill_backbone_probe", type=float, default=0.0, metavar="W",
+    s.add_argument("--distill_backbone_probe", type=float, default=1.0, metavar="W",
                    help="stage 3: also distil the classification output toward a linear probe of the frozen "
                         "teacher's backbone (pooled stride-32 features, fitted on the classification training "
                         "images when the stage starts), KL at --distill_temp with weight W (0: off)")

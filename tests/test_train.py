@@ -182,10 +182,14 @@ def test_a_step_with_a_teacher_distils_detection_on_the_primary_images():
     assert not torch.equal(student.det_head[-1].bias, model.det_head[-1].bias), "the det head is pulled"
 
 
-def test_detection_is_distilled_on_new_images_only_once_it_was_learned(demo_root, tmp_path):
-    run_train(demo_root, tmp_path, "--distill_det_new_images", "5")
-    records = [json.loads(line) for line in (tmp_path / "training_log.jsonl").read_text().splitlines()]
-    assert [("distill_det_new" in r["losses"]) for r in records] == [False, False, True]  # stages 1, 2, 3
+def test_stage_3_distils_detection_and_the_backbone_probe_on_its_images_by_default_and_0_turns_them_off(
+        demo_root, tmp_path):
+    run_train(demo_root, tmp_path / "default")
+    run_train(demo_root, tmp_path / "off", "--distill_det_new_images", "0", "--distill_backbone_probe", "0")
+    for run, in_stage_3 in (("default", True), ("off", False)):
+        records = [json.loads(line) for line in (tmp_path / run / "training_log.jsonl").read_text().splitlines()]
+        for term in ("distill_det_new", "distill_probe"):  # detection is learned in stage 2, so never before 3
+            assert [(term in r["losses"]) for r in records] == [False, False, in_stage_3], (run, term)
 
 
 def test_a_step_with_a_backbone_probe_distils_classification_toward_it():
@@ -223,12 +227,6 @@ def test_the_backbone_probe_is_fitted_on_the_teachers_pooled_backbone_features(d
         logits = probe(teacher(teacher.prepare_input(images))["backbone_pooled"])
     assert logits.shape == (len(dataset), len(dataset.class_names))
     assert torch.equal(logits.argmax(1), labels), "1280 features fit a handful of training images"
-
-
-def test_the_backbone_probe_is_distilled_in_stage_3_only(demo_root, tmp_path):
-    run_train(demo_root, tmp_path, "--distill_backbone_probe", "1")
-    records = [json.loads(line) for line in (tmp_path / "training_log.jsonl").read_text().splitlines()]
-    assert [("distill_probe" in r["losses"]) for r in records] == [False, False, True]  # stages 1, 2, 3
 
 
 def test_distill_seg_new_images_takes_one_weight_or_one_per_stage():
@@ -471,7 +469,7 @@ def test_cosine_schedule_restarts_in_every_stage(demo_root, tmp_path):
 
 @pytest.mark.parametrize("flag, value, saved", [("--lr_schedule", "cosine", "plateau"), ("--ema_decay", "0.9", "0.95"),
                                                ("--distill_seg_new_images", "2", "4 1"),
-                                               ("--distill_backbone_probe", "1", "0"), ("--blend_steps", "0", "20"),
+                                               ("--distill_backbone_probe", "0", "1"), ("--blend_steps", "0", "20"),
                                                ("--lr_factor", "3 shared_late 0.5",
                                                 f"3 shared_late {train.LR_FACTORS[3]['shared_late']:g}"),
                                                ("--lr_det", "1e-3", "0.003"), ("--seed", "1", "0"),
