@@ -838,10 +838,12 @@ def as_flag(flag, value):
     if isinstance(value, bool) or value is None:
         return f"with --{flag}" if value else f"without --{flag}"
     if isinstance(value, dict):  # --distill_seg_new_images: stage -> weight
-        return f"with --{flag} " + " ".join(f"{v:g}" for v in value.values())
-    if isinstance(value, (tuple, list)):  # the scale jitters: LOW,HIGH
-        return f"with --{flag} " + ",".join(f"{v:g}" for v in value)
-    return f"with --{flag} {value:g}" if isinstance(value, float) else f"with --{flag} {value}"
+        typed = " ".join(f"{v:g}" for v in value.values())
+    elif isinstance(value, (tuple, list)):  # the scale jitters: LOW,HIGH
+        typed = ",".join(f"{v:g}" for v in value)
+    else:
+        typed = f"{value:g}" if isinstance(value, float) else str(value)
+    return f"with --{flag} {typed}"
 
 
 def resume_state(out_dir, model, args):
