@@ -1,11 +1,13 @@
 """Task losses and the LwF distillation losses, one place for each.
 
     task_loss(task, outputs, targets)            the primary task's supervised loss
+    soft_dice_loss(logits, targets)              segmentation's optional second loss term
     distillation_loss(task, student, teacher, weights, temperature)
                                                  what keeps an earlier task alive on its
                                                  replay images (seg KL, det MSE + feature
                                                  MSE, cls KL); zero when student == teacher
 """
+import torch
 import torch.nn.functional as F
 
 from datasets import VOID
@@ -15,11 +17,14 @@ from detection import detection_loss
 def task_loss(task, outputs, targets, options=None):
     """Returns (loss, parts): parts maps names to detached scalars for the log.
     options: the task's loss settings: for det the keyword arguments of detection_loss
-    (assignment mode, objectness target), for cls {"label_smoothing": eps}."""
+    (assignment mode, objectness target), for seg {"dice_weight": w}, for cls {"label_smoothing": eps}."""
     options = options or {}
     if task == "seg":
-        loss = F.cross_entropy(outputs["seg"].float(), targets.long(), ignore_index=VOID)
-        return loss, {"seg": loss.detach()}
+        loss, parts = F.cross_entropy(outputs["seg"].float(), targets.long(), ignore_index=VOID), {}
+        if options.get("dice_weight", 0.0) > 0:
+            dice = soft_dice_loss(outputs["seg"], targets)
+            loss, parts = loss + options["dice_weight"] * dice, {"seg_dice": dice.detach()}
+        return loss, {"seg": loss.detach(), **parts}
     if task == "det":
         loss, parts = detection_loss(outputs["det"], targets, **options)
         return loss, {"det": loss.detach(), **parts}
@@ -27,6 +32,23 @@ def task_loss(task, outputs, targets, options=None):
         loss = F.cross_entropy(outputs["cls"].float(), targets, label_smoothing=options.get("label_smoothing", 0.0))
         return loss, {"cls": loss.detach()}
     raise ValueError(f"unknown task {task!r}")
+
+
+def soft_dice_loss(logits, targets):
+    """1 - the mean soft Dice score of the classes present in `targets` (void pixels ignored).
+    Each class counts once, however few pixels it covers, as in mIoU; cross-entropy counts pixels."""
+    num_classes = logits.shape[1]
+    valid = targets != VOID
+    labels = targets.long().where(valid, 0)
+    probs = logits.float().softmax(1)
+    predicted = torch.einsum("bchw,bhw->c", probs, valid.to(probs.dtype))  # soft pixel count per class
+    own_class_probs = probs.gather(1, labels[:, None])[:, 0] * valid
+    true_positive = torch.zeros(num_classes, device=logits.device).index_add(0, labels.flatten(),
+                                                                             own_class_probs.flatten())
+    label_count = torch.bincount(labels[valid], minlength=num_classes).float()
+    dice = 2 * true_positive / (predicted + label_count).clamp_min(1e-6)
+    present = label_count > 0
+    return 1 - dice[present].mean() if present.any() else logits.sum() * 0.0
 
 
 def kl_with_temperature(student_logits, teacher_logits, temperature, dim=1):

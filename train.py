@@ -147,6 +147,8 @@ def build_parser(description=__doc__.split("\n\n")[0], sequential=True):
                    help="objectness target of a positive cell: 1, or the IoU of its own box (YOLOv5-style)")
     p.add_argument("--label_smoothing", type=float, default=0.0, metavar="EPS",
                    help="classification loss: cross-entropy with this label smoothing (0: none)")
+    p.add_argument("--seg_dice_weight", type=float, default=0.0, metavar="W",
+                   help="segmentation loss: cross-entropy + W x soft Dice over the classes in the batch (0: none)")
     p.add_argument("--cls_mixup", type=float, default=0.0, metavar="ALPHA",
                    help="classification batches: MixUp (blend image pairs and their labels) with Beta(ALPHA, ALPHA) "
                         "weights; 0: off. With --cls_cutmix too, each batch gets one of the two")
@@ -235,7 +237,7 @@ def parse_args(argv=None, parser=None):
         p.error(f"--blend_steps must be 0 (off) or at least 2, got {args.blend_steps}")
     if not 0 <= args.label_smoothing < 1:
         p.error(f"--label_smoothing must be in [0, 1), got {args.label_smoothing}")
-    for name in ("cls_mixup", "cls_cutmix"):
+    for name in ("cls_mixup", "cls_cutmix", "seg_dice_weight"):
         if getattr(args, name) < 0:
             p.error(f"--{name} must be >= 0 (0: off), got {getattr(args, name)}")
     if "distill_seg_new_images" in args:
@@ -469,7 +471,8 @@ def train_one_epoch(model, batches, replay_banks, optimizer, scaler, args, devic
     RESULTS.md)."""
     weights = {"seg": args.distill_weight_seg, "det_logits": args.distill_weight_det_logits,
                "det_feature": args.distill_weight_det_feature, "cls": args.distill_weight_cls} if replay_banks else {}
-    loss_options = {"seg": {}, "det": {"mode": args.det_assign, "objectness": args.det_objectness},
+    loss_options = {"seg": {"dice_weight": args.seg_dice_weight},
+                    "det": {"mode": args.det_assign, "objectness": args.det_objectness},
                     "cls": {"label_smoothing": args.label_smoothing}}
     cls_mixing = classification_batch_mixing(args.cls_mixup, args.cls_cutmix, model.cls_head.out_features)
     autocast = functools.partial(torch.autocast, device.type, dtype=amp_dtype, enabled=amp_dtype is not None)

@@ -13,7 +13,7 @@ import eval as eval_script
 import joint
 import train
 from datasets import build_dataset, classification_batch_mixing
-from losses import distillation_loss, kl_with_temperature, task_loss
+from losses import distillation_loss, kl_with_temperature, soft_dice_loss, task_loss
 from models import UnifiedMultiTaskModel
 
 TINY = ["--backbone", "efficientnet_lite0", "--no-pretrained", "--img_size", "64", "--batch_size", "4",
@@ -247,12 +247,36 @@ def test_label_smoothing_moves_the_classification_target_off_one_hot():
     assert smoothed.item() == pytest.approx(expected.item(), rel=1e-5) and smoothed > plain
 
 
+def test_soft_dice_loss_counts_each_present_class_once_and_ignores_void():
+    targets = torch.tensor([[[0, 1, 1, 255]]])  # one row of 4 pixels: class 0, class 1 twice, void
+    confident = torch.full((1, 21, 1, 4), -30.0)
+    for pixel, label in enumerate([0, 1, 1, 3]):  # the void pixel's prediction must not matter
+        confident[0, label, 0, pixel] = 30.0
+    assert soft_dice_loss(confident, targets).item() == pytest.approx(0.0, abs=1e-6)
+    # class 0's pixel predicted as class 1: Dice(0) = 0, Dice(1) = 2*2 / (3 + 2); classes absent from targets do not count
+    confident[0, :, 0, 0] = confident[0, :, 0, 1]
+    assert soft_dice_loss(confident, targets).item() == pytest.approx(1 - (0 + 0.8) / 2, rel=1e-5)
+    uniform = torch.zeros(1, 21, 1, 4, requires_grad=True)
+    soft_dice_loss(uniform, targets).backward()
+    assert uniform.grad[0, :, 0, :3].abs().sum() > 0 and uniform.grad[0, :, 0, 3].abs().sum() == 0
+
+
+def test_seg_dice_weight_adds_the_weighted_dice_term_to_cross_entropy():
+    torch.manual_seed(0)
+    outputs, targets = {"seg": torch.randn(2, 21, 8, 8)}, torch.randint(0, 21, (2, 8, 8))
+    plain, _ = task_loss("seg", outputs, targets)
+    combined, parts = task_loss("seg", outputs, targets, {"dice_weight": 0.5})
+    dice = soft_dice_loss(outputs["seg"], targets)
+    assert combined.item() == pytest.approx(plain.item() + 0.5 * dice.item(), rel=1e-5)
+    assert parts["seg_dice"].item() == pytest.approx(dice.item()) and parts["seg"].item() == pytest.approx(combined.item())
+
+
 def test_a_step_backpropagates_each_task_and_equals_the_summed_loss_step():
     """train_one_epoch backpropagates one task at a time; the step must be the summed loss's."""
     torch.manual_seed(0)
     model = UnifiedMultiTaskModel("efficientnet_lite0", pretrained=False)
     twin = copy.deepcopy(model)
-    args = train.parse_args(["--label_smoothing", "0.1"])
+    args = train.parse_args(["--label_smoothing", "0.1", "--seg_dice_weight", "0.5"])
     batch = {"seg": (torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8), torch.randint(0, 21, (2, 64, 64)), None),
              "cls": (torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8), torch.tensor([1, 7]), None)}
     device = torch.device("cpu")
@@ -262,7 +286,7 @@ def test_a_step_backpropagates_each_task_and_equals_the_summed_loss_step():
 
     twin_optimizer = torch.optim.SGD(twin.parameters(), lr=0.1)
     summed = sum(task_loss(task, twin(twin.prepare_input(images)), targets,
-                           {"label_smoothing": 0.1} if task == "cls" else {})[0]
+                           {"label_smoothing": 0.1} if task == "cls" else {"dice_weight": 0.5})[0]
                  for task, (images, targets, _) in batch.items())
     summed.backward()
     twin_optimizer.step()
@@ -377,7 +401,7 @@ def test_start_from_a_stage_checkpoint_runs_only_the_later_stages(tiny_run, demo
                                    ["--lr_factor", "3", "neck", "fast"], ["--lr_factor", "3", "neck", "-1"],
                                    ["--select_window", "0"], ["--label_smoothing", "1"],
                                    ["--label_smoothing", "-0.1"], ["--ema_decay", "1"], ["--ema_decay", "-0.1"],
-                                   ["--cls_mixup", "-1"], ["--cls_cutmix", "-0.5"],
+                                   ["--cls_mixup", "-1"], ["--cls_cutmix", "-0.5"], ["--seg_dice_weight", "-1"],
                                    ["--distill_seg_new_images", "-1"],
                                    ["--distill_seg_new_images", "4", "1", "1"], ["--blend_steps", "-1"],
                                    ["--blend_steps", "1"], ["--demo", "--epochs_seg", "2"],
