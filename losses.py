@@ -20,9 +20,10 @@ def task_loss(task, outputs, targets, options=None):
     (assignment mode, objectness target), for seg {"dice_weight": w}, for cls {"label_smoothing": eps}."""
     options = options or {}
     if task == "seg":
-        loss, parts = F.cross_entropy(outputs["seg"].float(), targets.long(), ignore_index=VOID), {}
+        logits = outputs["seg"].float()  # once: under autocast a full-size copy
+        loss, parts = F.cross_entropy(logits, targets.long(), ignore_index=VOID), {}
         if options.get("dice_weight", 0.0) > 0:
-            dice = soft_dice_loss(outputs["seg"], targets)
+            dice = soft_dice_loss(logits, targets)
             loss, parts = loss + options["dice_weight"] * dice, {"seg_dice": dice.detach()}
         return loss, {"seg": loss.detach(), **parts}
     if task == "det":
