@@ -83,6 +83,12 @@ def read_mask(path: Path, image_hw) -> torch.Tensor:
     return mask
 
 
+# Drops the boxes left under 2 px (pushed out of the image or cut by a window) together with
+# their labels and crowd flags; samples are (image, {"boxes", "labels", "iscrowd"}).
+drop_lost_boxes = v2.SanitizeBoundingBoxes(min_size=2, labels_getter=lambda sample: (sample[1]["labels"],
+                                                                                   sample[1]["iscrowd"]))
+
+
 def train_augmentation(task=None, color_jitter=True, scale_jitter=None):
     """Horizontal flip and colour jitter; with `scale_jitter` = (min, max) also a random zoom in
     or out with a small shift, the image size unchanged. Boxes and masks move with the image
@@ -93,11 +99,31 @@ def train_augmentation(task=None, color_jitter=True, scale_jitter=None):
         ops.append(v2.RandomAffine(degrees=0, translate=(0.1, 0.1), scale=tuple(scale_jitter),
                                    fill={tv_tensors.Mask: VOID, "others": 0}))
         if task == "det":
-            ops.append(v2.SanitizeBoundingBoxes(min_size=2, labels_getter=lambda sample: (sample[1]["labels"],
-                                                                                        sample[1]["iscrowd"])))
+            ops.append(drop_lost_boxes)
     if color_jitter:
         ops.append(v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.02))
     return v2.Compose(ops)
+
+
+def mosaic(samples, top, left):
+    """YOLO-style mosaic of four detection samples (image (3, S, S), target) that already had
+    their own augmentation: tiled 2 x 2 on a 2S x 2S canvas (the first at the top left), of
+    which the S x S window with its top-left corner at (top, left) is cut out. Boxes move with
+    their images; boxes the window cuts are clipped to it, and those left under 2 px dropped
+    with their labels and crowd flags. Objects keep their size: one image shows parts of four
+    scenes and more objects, against the overfitting of a 240-image training set."""
+    size = samples[0][0].shape[-1]
+    canvas = torch.zeros(3, 2 * size, 2 * size, dtype=torch.uint8)
+    boxes = []
+    for k, (image, target) in enumerate(samples):
+        y, x = (k // 2) * size, (k % 2) * size
+        canvas[:, y:y + size, x:x + size] = image
+        boxes.append(target["boxes"].as_subclass(torch.Tensor) + torch.tensor([x - left, y - top] * 2))
+    boxes = tv_tensors.BoundingBoxes(torch.cat(boxes), format="XYXY", canvas_size=(size, size))
+    target = {"boxes": TF.clamp_bounding_boxes(boxes),
+              "labels": torch.cat([t["labels"] for _, t in samples]),
+              "iscrowd": torch.cat([t["iscrowd"] for _, t in samples])}
+    return drop_lost_boxes(canvas[:, top:top + size, left:left + size].clone(), target)
 
 
 def classification_batch_mixing(mixup_alpha, cutmix_alpha, num_classes):
@@ -191,10 +217,14 @@ class VOCSegmentation(TaskDataset):
 
 # ----------------------------------------------------------------------------- detection
 class COCODetection(TaskDataset):
+    """`mosaic` = p: each sample is, with probability p, a mosaic (see `mosaic`) of itself and
+    three random training images, each augmented on its own first; 0 (the default) leaves the
+    samples and the random stream exactly as without it."""
     task = "det"
 
-    def __init__(self, root, split, img_size=224, train=None, cache=True, augment=None):
+    def __init__(self, root, split, img_size=224, train=None, cache=True, augment=None, mosaic=0.0):
         super().__init__(img_size, split == "train" if train is None else train, cache, augment)
+        self.mosaic = mosaic
         self.root = Path(root) / "mini_coco_det"
         self.image_dir = require(self.root / "images" / split, "a folder of COCO images")
         ann_file = require(self.root / "annotations" / f"instances_{split}.json", "a COCO instances json")
@@ -229,6 +259,16 @@ class COCODetection(TaskDataset):
 
     def __len__(self):
         return len(self.images)
+
+    def __getitem__(self, i):
+        if self.mosaic == 0 or torch.rand(()) >= self.mosaic:
+            return super().__getitem__(i)
+        partners = torch.randint(len(self), (3,)).tolist()
+        samples = [TaskDataset.__getitem__(self, j)[:2] for j in (i, *partners)]
+        # the window keeps at least a quarter of each image's width and height
+        top, left = torch.randint(self.img_size // 4, 3 * self.img_size // 4 + 1, (2,)).tolist()
+        image, target = mosaic(samples, top, left)
+        return image, target, i
 
     def boxes_of(self, i):
         """Original-pixel xyxy boxes, contiguous labels and crowd flags of image i."""

@@ -159,6 +159,9 @@ def build_parser(description=__doc__.split("\n\n")[0], sequential=True):
                    help="segmentation training: random zoom between MIN and MAX with a small shift; 'off' disables it")
     p.add_argument("--det_scale_jitter", type=scale_range, default="0.5,1.5", metavar="MIN,MAX",
                    help="detection training: random zoom between MIN and MAX with a small shift; 'off' disables it")
+    p.add_argument("--det_mosaic", type=float, default=0.0, metavar="P",
+                   help="detection training: with probability P a sample becomes a YOLO-style mosaic of four "
+                        "training images (each augmented first), objects at their own size; 0: off")
     p.add_argument("--cls_scale_jitter", type=scale_range, default="off", metavar="MIN,MAX",
                    help="classification training: random zoom between MIN and MAX with a small shift; 'off' disables it")
     p.add_argument("--lr_schedule", default="plateau", choices=("plateau", "cosine"),
@@ -237,6 +240,8 @@ def parse_args(argv=None, parser=None):
         p.error(f"--blend_steps must be 0 (off) or at least 2, got {args.blend_steps}")
     if not 0 <= args.label_smoothing < 1:
         p.error(f"--label_smoothing must be in [0, 1), got {args.label_smoothing}")
+    if not 0 <= args.det_mosaic <= 1:
+        p.error(f"--det_mosaic must be a probability in [0, 1], got {args.det_mosaic}")
     for name in ("cls_mixup", "cls_cutmix", "seg_dice_weight"):
         if getattr(args, name) < 0:
             p.error(f"--{name} must be >= 0 (0: off), got {getattr(args, name)}")
@@ -738,9 +743,11 @@ def refuse_to_overwrite(out_dir, names, hint):
 
 
 def build_train_set(task, args, cache=True):
-    """A task's training set with train.py's augmentation (flip, colour jitter, --TASK_scale_jitter)."""
+    """A task's training set with train.py's augmentation (flip, colour jitter, --TASK_scale_jitter,
+    and for detection --det_mosaic)."""
     augment = train_augmentation(task, scale_jitter=getattr(args, f"{task}_scale_jitter"))
-    return build_dataset(task, args.data_root, "train", args.img_sizes[task], cache=cache, augment=augment)
+    mosaic = {"mosaic": args.det_mosaic} if task == "det" else {}
+    return build_dataset(task, args.data_root, "train", args.img_sizes[task], cache=cache, augment=augment, **mosaic)
 
 
 def load_data(args, cache=True):

@@ -296,6 +296,66 @@ def test_default_train_augmentation_is_consistent(demo_root):
     assert 0 < flips < 3 * len(seg)
 
 
+# ----------------------------------------------------------------------------- mosaic
+def det_samples_with_objects(demo_root, count=4):
+    ds = plain("det", demo_root)
+    samples = [ds[i][:2] for i in range(len(ds)) if len(ds[i][1]["boxes"])]
+    assert len(samples) >= count
+    return samples[:count]
+
+
+def test_mosaic_window_on_the_first_image_gives_it_back(demo_root):
+    samples = det_samples_with_objects(demo_root)
+    image, target = datasets.mosaic(samples, 0, 0)
+    first_image, first_target = samples[0]
+    assert torch.equal(image, first_image)
+    torch.testing.assert_close(target["boxes"].as_subclass(torch.Tensor), first_target["boxes"].as_subclass(torch.Tensor))
+    assert torch.equal(target["labels"], first_target["labels"])
+    assert torch.equal(target["iscrowd"], first_target["iscrowd"])
+
+
+# Windows of the demo mosaic that cut no object down to a sliver (a sliver under 2 px loses its
+# box, and a box 2-3 px wide cannot be checked for tightness against antialiased pixels).
+@pytest.mark.parametrize("top, left", [(16, 16), (16, 48), (32, 16), (48, 16), (48, 48)])
+def test_mosaic_boxes_follow_their_images(demo_root, top, left):
+    samples = det_samples_with_objects(demo_root)
+    image, target = datasets.mosaic(samples, top, left)
+    check_image(image)
+    boxes = target["boxes"].as_subclass(torch.Tensor)
+    assert len(boxes) == len(target["labels"]) == len(target["iscrowd"]) >= 2
+    # the image is the window of the 2 x 2 tiling
+    tiling = torch.cat([torch.cat([samples[0][0], samples[1][0]], 2), torch.cat([samples[2][0], samples[3][0]], 2)], 1)
+    assert torch.equal(image, tiling[:, top:top + S, left:left + S])
+    assert boxes_cover_objects(image, boxes) is None
+    # the check has teeth: the boxes as they were in their own images do not fit
+    unshifted = torch.cat([t["boxes"].as_subclass(torch.Tensor) for _, t in samples])
+    assert boxes_cover_objects(image, unshifted.clamp(0, S)) is not None
+
+
+def test_det_mosaic_probability(demo_root):
+    """mosaic=0: the plain samples, without drawing a random number (default runs unchanged);
+    mosaic=1: every sample a seeded mosaic whose top-left image is the sample's own."""
+    plain_det = plain("det", demo_root)
+    off = build_dataset("det", demo_root, "train", img_size=S, train=False, mosaic=0.0)
+    always = build_dataset("det", demo_root, "train", img_size=S, train=False, mosaic=1.0)
+    state = torch.get_rng_state()
+    for i in range(len(off)):
+        assert torch.equal(off[i][0], plain_det[i][0])
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(0)
+    first = [always[i] for i in range(len(always))]
+    torch.manual_seed(0)
+    again = [always[i] for i in range(len(always))]
+    for (image, _, i), (image_again, _, _) in zip(first, again):
+        check_image(image)
+        assert torch.equal(image, image_again)
+        # the window's corner pixel lies in the sample's own image, at most 3/4 of the way in
+        own = plain_det[i][0]
+        assert any(torch.equal(image[:, 0, 0], own[:, top, left])
+                   for top in range(S // 4, 3 * S // 4 + 1) for left in range(S // 4, 3 * S // 4 + 1))
+        assert not torch.equal(image, own)
+
+
 # ----------------------------------------------------------------------------- cache
 @pytest.mark.parametrize("task", datasets.TASKS)
 def test_cache_false_equals_cache_true(demo_root, task):

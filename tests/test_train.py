@@ -402,6 +402,7 @@ def test_start_from_a_stage_checkpoint_runs_only_the_later_stages(tiny_run, demo
                                    ["--select_window", "0"], ["--label_smoothing", "1"],
                                    ["--label_smoothing", "-0.1"], ["--ema_decay", "1"], ["--ema_decay", "-0.1"],
                                    ["--cls_mixup", "-1"], ["--cls_cutmix", "-0.5"], ["--seg_dice_weight", "-1"],
+                                   ["--det_mosaic", "1.5"], ["--det_mosaic", "-0.1"],
                                    ["--distill_seg_new_images", "-1"],
                                    ["--distill_seg_new_images", "4", "1", "1"], ["--blend_steps", "-1"],
                                    ["--blend_steps", "1"], ["--demo", "--epochs_seg", "2"],
@@ -601,6 +602,13 @@ def test_each_train_set_gets_its_own_scale_jitter_flag(demo_root, task):
     assert zoom_of(task, [f"--{task}_scale_jitter", "off"]) == []
     other = next(t for t in ("seg", "det", "cls") if t != task)
     assert zoom_of(other, [f"--{task}_scale_jitter", "0.7,1.4", f"--{other}_scale_jitter", "off"]) == []
+
+
+def test_det_mosaic_reaches_only_the_detection_train_set(demo_root):
+    args = train.parse_args(["--data_root", str(demo_root), "--img_size", "64", "--det_mosaic", "0.5"])
+    assert train.build_train_set("det", args).mosaic == 0.5
+    assert train.parse_args([]).det_mosaic == 0.0  # off by default
+    assert not hasattr(train.build_train_set("seg", args), "mosaic")
 
 
 @pytest.mark.skipif(not platform.libc_ver()[0] == "glibc", reason="keep_freed_memory tunes glibc only")
