@@ -111,7 +111,8 @@ def mosaic(samples, top, left):
     which the S x S window with its top-left corner at (top, left) is cut out. Boxes move with
     their images; boxes the window cuts are clipped to it, and those left under 2 px dropped
     with their labels and crowd flags. Objects keep their size: one image shows parts of four
-    scenes and more objects, against the overfitting of a 240-image training set."""
+    scenes and more objects, the YOLO remedy for overfitting a small training set (in stage 2
+    here, where the detector underfits, it gave no gain: RESULTS.md, session 38)."""
     size = samples[0][0].shape[-1]
     canvas = torch.zeros(3, 2 * size, 2 * size, dtype=torch.uint8)
     boxes = []
