@@ -112,7 +112,8 @@ def mosaic(samples, top, left):
     their images; boxes the window cuts are clipped to it, and those left under 2 px dropped
     with their labels and crowd flags. Objects keep their size: one image shows parts of four
     scenes and more objects, the YOLO remedy for overfitting a small training set (in stage 2
-    here, where the detector underfits, it gave no gain: RESULTS.md, session 38)."""
+    here, where the detector underfits, it gave no gain; in detection trained alone for 60
+    epochs it was behind for 30 and ahead after 40: RESULTS.md, sessions 38-39)."""
     size = samples[0][0].shape[-1]
     canvas = torch.zeros(3, 2 * size, 2 * size, dtype=torch.uint8)
     boxes = []
