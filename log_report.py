@@ -14,14 +14,22 @@ than a single epoch on 60 val images.
 --select_window N re-ranks each stage's epochs with train.selection_key, as train.py would
 have with that flag, and adds the epoch it would have kept. This is exact for the stage
 itself; the later stages in the log still trained from the epoch that was actually kept.
+
+Under the table, for each later stage whose epochs split into some that held detection within
+5% and some that did not, a line names the detection classes behind the difference: each
+class's mean AP@0.5 over the two groups of epochs and its share of the mAP gap. On 60 val
+images a class with a handful of boxes can carry most of a drop (session 40: one couch box of
+three); the names come from the stage-2 checkpoint beside the log, else class indices.
 """
 import argparse
 import sys
 from pathlib import Path
 
-from metrics import PRIMARY_METRIC, drop_percent
+import torch
+
+from metrics import MAX_DROP_PERCENT, PRIMARY_METRIC, drop_percent
 from plot_log import LogError, group_by_stage, is_joint, kept_record, load_log
-from train import HelpWithDefaults, selection_key, within_max_drop
+from train import CHECKPOINT_NAMES, HelpWithDefaults, selection_key, within_max_drop
 
 
 def stage_records(path):
@@ -82,6 +90,63 @@ def report_rows(name, by_stage, last, window=None):
     return rows
 
 
+def lost_detection(rec):
+    """Whether this epoch's detection mAP@0.5 is more than 5% under its baseline."""
+    return drop_percent(rec["baselines"]["mAP_50"], rec["mAP_50"]) > MAX_DROP_PERCENT
+
+
+def detection_drop_classes(recs, most=3):
+    """The detection classes that set the epochs which lost detection apart from those which
+    held it: [(class index, mean AP@0.5 over the held epochs, over the lost ones, share of the
+    mAP gap)], largest share first, up to `most` and no further than 80% of the gap (a share
+    passes 100% when other classes moved the other way); [] when the stage has no epochs of
+    one of the two kinds, or no per-class APs (a stage before detection's baseline)."""
+    recs = [rec for rec in recs if "mAP_50" in rec["baselines"] and rec.get("AP50_per_class")]
+    lost = [rec for rec in recs if lost_detection(rec)]
+    held = [rec for rec in recs if not lost_detection(rec)]
+    if not lost or not held:
+        return []
+
+    def mean(group, key):
+        return sum(key(rec) for rec in group) / len(group)
+
+    gap = mean(held, lambda r: r["mAP_50"]) - mean(lost, lambda r: r["mAP_50"])
+    scored = [c for c, ap in enumerate(recs[0]["AP50_per_class"]) if ap is not None]  # classes with val boxes
+    rows = []
+    for c in scored:  # mAP is the mean over these classes: each moves it by its AP change / len(scored)
+        held_ap, lost_ap = mean(held, lambda r: r["AP50_per_class"][c]), mean(lost, lambda r: r["AP50_per_class"][c])
+        rows.append((c, held_ap, lost_ap, (held_ap - lost_ap) / len(scored) / gap))
+    rows.sort(key=lambda row: -row[3])
+    chosen = []
+    for row in rows[:most]:
+        if row[3] <= 0 or sum(r[3] for r in chosen) >= 0.8:
+            break
+        chosen.append(row)
+    return chosen
+
+
+def detection_class_names(log_path):
+    """The detection class names stored in the stage-2 checkpoint beside the log, or None."""
+    path = Path(log_path).parent / CHECKPOINT_NAMES[2]
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=False).get("class_names", {}).get("det")
+
+
+def detection_drop_lines(name, by_stage, log_path):
+    """One line per stage with detection_drop_classes, names from the run's checkpoint."""
+    found = {stage: rows for stage, recs in sorted(by_stage.items()) if (rows := detection_drop_classes(recs))}
+    names = detection_class_names(log_path) if found else None
+    lines = []
+    for stage, rows in found.items():
+        lost = sum(map(lost_detection, by_stage[stage]))
+        parts = [f"{names[c] if names else f'class {c}'} {held:.3f} -> {lost_ap:.3f} ({share:.0%} of the gap)"
+                 for c, held, lost_ap, share in rows]
+        lines.append(f"{name}, stage {stage}: detection AP@0.5 per class, mean of the epochs that held it -> "
+                     f"of the {lost} that lost it: {'; '.join(parts)}")
+    return lines
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpWithDefaults)
     parser.add_argument("logs", nargs="+", metavar="LOG", help="training_log.jsonl files written by train.py")
@@ -98,7 +163,7 @@ def main(argv=None):
     if args.select_window:
         header.append(f"kept with --select_window {args.select_window}")
     header += ["epochs within 5%", f"of the last {args.last}", f"mean of the last {args.last} epochs"]
-    rows = []
+    rows, class_lines = [], []
     for path in args.logs:
         try:
             by_stage = stage_records(path)
@@ -110,10 +175,14 @@ def main(argv=None):
                 print(f"log_report.py: error: {path}: no stage {args.stage} epochs in this log", file=sys.stderr)
                 raise SystemExit(2)
             by_stage = {args.stage: by_stage[args.stage]}
-        rows += report_rows(Path(path).parent.name or path, by_stage, args.last, args.select_window)
+        name = Path(path).parent.name or path
+        rows += report_rows(name, by_stage, args.last, args.select_window)
+        class_lines += detection_drop_lines(name, by_stage, path)
 
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
+    if class_lines:
+        lines += [""] + class_lines
     print("\n".join(lines))
     return rows
 

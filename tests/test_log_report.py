@@ -80,3 +80,35 @@ def test_bad_logs_are_one_line_errors(tmp_path, capsys):
         assert expected in message and "\n" not in message
     with pytest.raises(SystemExit):
         log_report.main([str(joint_log), "--last", "0"])
+
+
+def test_names_the_detection_classes_behind_its_drops(tmp_path, capsys):
+    """Stage 3 epochs 3-4 lose detection (mAP 0.20 -> 0.11 and 0.10, baseline 0.20) through class
+    2 (AP 0.6 -> 0.3 of the three classes with val boxes; class 1 has none: None)."""
+    per_class = [[0.0, None, 0.6, 0.0], [0.0, None, 0.6, 0.0], [0.0, None, 0.3, 0.03], [0.0, None, 0.3, 0.0]]
+    recs = []
+    for epoch, aps in enumerate(per_class, 1):
+        rec = record(3, epoch, 0.8, epoch == 1, mIoU=0.5, mAP_50=sum(ap for ap in aps if ap is not None) / 3)
+        rec["baselines"]["mAP_50"] = 0.2
+        recs.append({**rec, "AP50_per_class": aps})
+    assert [log_report.lost_detection(r) for r in recs] == [False, False, True, True]
+    rows = log_report.detection_drop_classes(recs)
+    assert [(c, round(held, 3), round(lost, 3)) for c, held, lost, _ in rows] == [(2, 0.6, 0.3)]
+    # more than all of the gap (0.2 - 0.105): class 3 moved the other way
+    assert rows[0][3] == pytest.approx(0.3 / 3 / 0.095)
+
+    run = tmp_path / "seed0"
+    run.mkdir()
+    log = run / "training_log.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    log_report.main([str(log)])  # no checkpoint beside the log: class indices
+    expected = "seed0, stage 3: detection AP@0.5 per class, mean of the epochs that held it -> of the 2 that lost it: "
+    assert capsys.readouterr().out.splitlines()[-1] == expected + "class 2 0.600 -> 0.300 (105% of the gap)"
+    torch.save({"class_names": {"det": ["person", "car", "couch", "cup"]}}, run / train.CHECKPOINT_NAMES[2])
+    log_report.main([str(log)])
+    assert capsys.readouterr().out.splitlines()[-1] == expected + "couch 0.600 -> 0.300 (105% of the gap)"
+
+    for r in recs:  # every epoch held detection: nothing to explain, no line
+        r["baselines"]["mAP_50"] = 0.1
+    assert log_report.detection_drop_classes(recs) == []
+    assert log_report.detection_drop_lines("seed0", {3: recs}, log) == []
