@@ -130,7 +130,12 @@ def detection_class_names(log_path):
     path = Path(log_path).parent / CHECKPOINT_NAMES[2]
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", weights_only=False).get("class_names", {}).get("det")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise LogError(f"{path}: not a readable checkpoint ({type(err).__name__}); the detection class names "
+                       "come from it (move it away to see class indices)") from None
+    return ckpt.get("class_names", {}).get("det") if isinstance(ckpt, dict) else None
 
 
 def detection_drop_lines(name, by_stage, log_path):
@@ -167,17 +172,16 @@ def main(argv=None):
     for path in args.logs:
         try:
             by_stage = stage_records(path)
+            if args.stage:
+                if args.stage not in by_stage:
+                    raise LogError(f"{path}: no stage {args.stage} epochs in this log")
+                by_stage = {args.stage: by_stage[args.stage]}
+            name = Path(path).parent.name or path
+            rows += report_rows(name, by_stage, args.last, args.select_window)
+            class_lines += detection_drop_lines(name, by_stage, path)
         except LogError as err:
             print(f"log_report.py: error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
-        if args.stage:
-            if args.stage not in by_stage:
-                print(f"log_report.py: error: {path}: no stage {args.stage} epochs in this log", file=sys.stderr)
-                raise SystemExit(2)
-            by_stage = {args.stage: by_stage[args.stage]}
-        name = Path(path).parent.name or path
-        rows += report_rows(name, by_stage, args.last, args.select_window)
-        class_lines += detection_drop_lines(name, by_stage, path)
 
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]

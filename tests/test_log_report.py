@@ -108,6 +108,12 @@ def test_names_the_detection_classes_behind_its_drops(tmp_path, capsys):
     log_report.main([str(log)])
     assert capsys.readouterr().out.splitlines()[-1] == expected + "couch 0.600 -> 0.300 (105% of the gap)"
 
+    (run / train.CHECKPOINT_NAMES[2]).write_text("not a checkpoint")
+    with pytest.raises(SystemExit) as err:
+        log_report.main([str(log)])
+    message = capsys.readouterr().err.strip()
+    assert err.value.code == 2 and "model_s2_best.pt: not a readable checkpoint" in message and "\n" not in message
+
     for r in recs:  # every epoch held detection: nothing to explain, no line
         r["baselines"]["mAP_50"] = 0.1
     assert log_report.detection_drop_classes(recs) == []
