@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from metrics import MAX_DROP_PERCENT, PRIMARY_METRIC, drop_percent
+from metrics import PRIMARY_METRIC, drop_percent
 from plot_log import LogError, group_by_stage, is_joint, kept_record, load_log
 from train import CHECKPOINT_NAMES, HelpWithDefaults, selection_key, within_max_drop
 
@@ -91,8 +91,8 @@ def report_rows(name, by_stage, last, window=None):
 
 
 def lost_detection(rec):
-    """Whether this epoch's detection mAP@0.5 is more than 5% under its baseline."""
-    return drop_percent(rec["baselines"]["mAP_50"], rec["mAP_50"]) > MAX_DROP_PERCENT
+    """Whether this epoch's detection mAP@0.5 is more than 5% under its baseline (train.py's rule)."""
+    return not within_max_drop(rec, {"mAP_50": rec["baselines"]["mAP_50"]})
 
 
 def detection_drop_classes(recs, most=3):
