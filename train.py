@@ -5,7 +5,8 @@ previous stage is the teacher, and replay batches from the earlier tasks' traini
 are distilled (LwF): seg KL, det output + shared-feature MSE, cls KL, and seg KL on the
 new task's own images too (--distill_seg_new_images; in stage 3 det output MSE as well,
 --distill_det_new_images). Stage 3 also distils the classification output toward a linear
-probe of the teacher's backbone (--distill_backbone_probe). Layers shared with
+probe of the teacher's backbone (--distill_backbone_probe; --backbone_probe imagenet: toward
+the backbone's own ImageNet classifier instead). Layers shared with
 earlier tasks learn slowly (a factor table of learning rates; the last shared conv, which
 distillation holds, at the full rate) and keep their BatchNorm
 statistics frozen, so old tasks are not quietly re-normalised. What is validated, kept
@@ -43,8 +44,8 @@ from datasets import (TASK_NAMES, TASKS, DataError, build_dataset, classificatio
                       train_augmentation)
 from losses import distillation_loss, kl_with_temperature, task_loss
 from metrics import MAX_DROP_PERCENT, PRIMARY_METRIC, drop_percent, evaluate
-from models import (BACKBONES, PretrainedWeightsError, UnifiedMultiTaskModel, count_trainable_parameters, input_size,
-                    pick_device)
+from models import (BACKBONES, PretrainedWeightsError, UnifiedMultiTaskModel, count_trainable_parameters,
+                    imagenet_classifier, input_size, pick_device)
 from replay import ReplayBank
 
 STAGES = ((1, "seg"), (2, "det"), (3, "cls"))  # the order of the single pass
@@ -201,6 +202,12 @@ def build_parser(description=__doc__.split("\n\n")[0], sequential=True):
                    help="stage 3: also distil the classification output toward a linear probe of the frozen "
                         "teacher's backbone (pooled stride-32 features, fitted on the classification training "
                         "images when the stage starts), KL at --distill_temp with weight W (0: off)")
+    s.add_argument("--backbone_probe", choices=("fitted", "imagenet"), default="fitted",
+                   help="the classifier of the teacher's pooled backbone features that --distill_backbone_probe "
+                        "distils toward: a linear probe fitted on the classification training images, or the "
+                        "pretrained backbone's own ImageNet-1k classifier, its rows for the classification "
+                        "classes (needs class folders named by ImageNet wnids, as Imagenette's, and the "
+                        "pretrained backbone)")
     # 3: one lucky epoch on 60 images must not become a baseline later stages cannot get back to
     s.add_argument("--select_window", type=int, default=3, metavar="N",
                    help="keep the stage's checkpoint by the mean of its metric over the last N epochs (1: that "
@@ -555,6 +562,15 @@ def fit_backbone_probe(teacher, dataset, amp_dtype, log):
     return probe
 
 
+def imagenet_backbone_probe(backbone, dataset, device, log):
+    """--backbone_probe imagenet: the pretrained backbone's ImageNet classifier, its rows for the
+    dataset's classes, as a function of the teacher's pooled backbone features -> logits. It learned
+    these classes from far more images than the 240 a fitted probe sees (models.imagenet_classifier)."""
+    weight, bias = (t.to(device) for t in imagenet_classifier(backbone, dataset.wnids))
+    log.info(f"backbone probe: the ImageNet classifier of {backbone}, rows of {len(dataset.wnids)} classes")
+    return lambda pooled: pooled.float() @ weight.T + bias
+
+
 def scores_line(metrics):
     """The scalar val scores of `metrics` as one log line: mIoU=0.5123 mAP_50=0.0612 ..."""
     return " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
@@ -598,7 +614,10 @@ def new_images_distillation(args, stage, primary, learned, teacher, train_sets, 
     classification stage, the backbone probe (--distill_backbone_probe), fitted here."""
     backbone_probe = None
     if primary == "cls" and teacher is not None and args.distill_backbone_probe > 0:
-        backbone_probe = fit_backbone_probe(teacher, train_sets["cls"], amp_dtype, log)
+        if args.backbone_probe == "imagenet":
+            backbone_probe = imagenet_backbone_probe(args.backbone, train_sets["cls"], teacher.mean.device, log)
+        else:
+            backbone_probe = fit_backbone_probe(teacher, train_sets["cls"], amp_dtype, log)
     return {"seg_new_images_weight": args.distill_seg_new_images[stage] if "seg" in learned else 0.0,
             "det_new_images_weight": args.distill_det_new_images if "det" in learned else 0.0,
             "backbone_probe": backbone_probe}
@@ -760,6 +779,17 @@ def load_data(args, cache=True):
     return data
 
 
+def check_imagenet_backbone_probe(args, cls_train_set):
+    """--backbone_probe imagenet needs ImageNet weights in the backbone and ImageNet classes."""
+    if not args.pretrained:
+        raise ValueError("--backbone_probe imagenet: the ImageNet classifier needs the pretrained backbone; "
+                         "drop --no-pretrained or pass --backbone_probe fitted")
+    try:
+        imagenet_classifier(args.backbone, cls_train_set.wnids)
+    except ValueError as err:
+        raise ValueError(f"--backbone_probe imagenet: {err} in {cls_train_set.root}") from None
+
+
 def build_model(args, device, channels_last=True):
     model = UnifiedMultiTaskModel(args.backbone, pretrained=args.pretrained).to(device)
     return model.use_channels_last() if channels_last else model
@@ -784,6 +814,8 @@ def main(argv=None):
         device = pick_device(args.device)
         set_seed(args.seed)
         data = load_data(args, cache=not args.baseline_mode)
+        if args.backbone_probe == "imagenet" and args.distill_backbone_probe > 0:
+            check_imagenet_backbone_probe(args, data["train"]["cls"])  # now, not after two stages
         model = build_model(args, device, channels_last=not args.baseline_mode)
         state = {"baselines": {}}
         if args.resume:

@@ -247,6 +247,27 @@ def test_lite0_is_imagenet_pretrained(real_data_root, lite0_file_state):
     assert correct_fc >= 57  # >= 95 %
 
 
+def test_imagenet_classifier_gives_the_rows_of_the_wnids_in_their_order(lite0_file_state):
+    from demo_data import WNIDS  # the Imagenette wnids, sorted
+
+    weight, bias = models.imagenet_classifier("efficientnet_lite0", WNIDS)
+    assert torch.equal(weight, lite0_file_state["_fc.weight"][IMAGENETTE_IN1K])
+    assert torch.equal(bias, lite0_file_state["_fc.bias"][IMAGENETTE_IN1K])
+    weight, _ = models.imagenet_classifier("efficientnet_lite0", ["n02102040", "n01440764"])
+    assert torch.equal(weight, lite0_file_state["_fc.weight"][[217, 0]])
+    with pytest.raises(ValueError, match="'triangle' is not an ImageNet-1k wnid"):
+        models.imagenet_classifier("efficientnet_lite0", ["n01440764", "triangle"])
+
+
+def test_imagenet_classifier_of_b0_comes_from_torchvisions_file(torch_home):
+    state = {k: torch.randn_like(v) if v.is_floating_point() else v
+             for k, v in torchvision.models.efficientnet_b0().state_dict().items()}
+    torch.save(state, torch_home / "hub" / "checkpoints" / B0_FILE)
+    weight, bias = models.imagenet_classifier("efficientnet_b0", ["n02102040"])
+    assert weight.shape == (1, 1280)
+    assert torch.equal(weight, state["classifier.1.weight"][[217]]) and torch.equal(bias, state["classifier.1.bias"][[217]])
+
+
 def test_pick_device_gives_clear_errors():
     from models import pick_device
 

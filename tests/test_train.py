@@ -11,6 +11,7 @@ from torchvision.transforms import v2
 
 import eval as eval_script
 import joint
+import models
 import train
 from datasets import build_dataset, classification_batch_mixing
 from losses import distillation_loss, kl_with_temperature, soft_dice_loss, task_loss
@@ -227,6 +228,42 @@ def test_the_backbone_probe_is_fitted_on_the_teachers_pooled_backbone_features(d
         logits = probe(teacher(teacher.prepare_input(images))["backbone_pooled"])
     assert logits.shape == (len(dataset), len(dataset.class_names))
     assert torch.equal(logits.argmax(1), labels), "1280 features fit a handful of training images"
+
+
+def test_backbone_probe_imagenet_distils_toward_the_backbones_imagenet_classifier(demo_root, tmp_path):
+    # the whole pipeline with the pretrained Lite0 (the tiny runs use random weights)
+    pretrained = [flag for flag in TINY if flag != "--no-pretrained"]
+    train.main(["--data_root", str(demo_root), "--out_dir", str(tmp_path), *pretrained, "--backbone_probe", "imagenet"])
+    log = (tmp_path / "training_log_single_pass.txt").read_text()
+    assert "backbone probe: the ImageNet classifier of efficientnet_lite0, rows of 10 classes" in log
+    records = [json.loads(line) for line in (tmp_path / "training_log.jsonl").read_text().splitlines()]
+    assert "distill_probe" in records[-1]["losses"]
+    # the probe it distils toward: the classifier's rows of the dataset's classes on the pooled backbone
+    teacher = UnifiedMultiTaskModel("efficientnet_lite0", pretrained=True).eval()
+    dataset = build_dataset("cls", demo_root, "train", 64)
+    args = train.parse_args(["--backbone", "efficientnet_lite0", "--backbone_probe", "imagenet"])
+    probe = train.new_images_distillation(args, 3, "cls", ["seg", "det"], teacher, {"cls": dataset}, None,
+                                          logging.getLogger("test"))["backbone_probe"]
+    weight, bias = models.imagenet_classifier("efficientnet_lite0", dataset.wnids)
+    pooled = torch.randn(3, 1280)
+    assert torch.allclose(probe(pooled), pooled @ weight.T + bias)
+
+
+def test_backbone_probe_imagenet_needs_imagenet_classes_and_weights(broken_copy, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:  # TINY has --no-pretrained
+        run_train(broken_copy, tmp_path / "random", "--backbone_probe", "imagenet")
+    assert str(exit_info.value) == ("error: --backbone_probe imagenet: the ImageNet classifier needs the pretrained "
+                                    "backbone; drop --no-pretrained or pass --backbone_probe fitted")
+    for split in ("train", "val"):  # a class that is not an ImageNet wnid
+        (broken_copy / "imagenette-160" / split / "n01440764").rename(broken_copy / "imagenette-160" / split / "fish")
+    pretrained = [flag for flag in TINY if flag != "--no-pretrained"]
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--data_root", str(broken_copy), "--out_dir", str(tmp_path / "fish"), *pretrained,
+                    "--backbone_probe", "imagenet"])
+    message = str(exit_info.value)
+    assert message.startswith("error: --backbone_probe imagenet:") and "\n" not in message
+    assert "'fish' is not an ImageNet-1k wnid" in message and str(broken_copy / "imagenette-160" / "train") in message
+    assert not (tmp_path / "fish" / "model_s1_best.pt").exists(), "it stops before training"
 
 
 def test_distill_seg_new_images_takes_one_weight_or_one_per_stage():
