@@ -5,6 +5,9 @@ Imagenette images are passed through the checkpoint, each map is average-pooled,
 logistic regression (standardised features, L2, L-BFGS) is fitted on the train split and
 scored on val. A layer whose probe is low cannot give the GAP + Linear cls head much,
 whatever the head learns: it shows where a sequential pass loses what the backbone knew.
+Where the classes are ImageNet wnids (Imagenette's are), one more row scores the backbone's
+own pretrained ImageNet classifier on the same pooled backbone features, nothing fitted: the
+teacher of train.py --backbone_probe imagenet.
 
     python probe.py --weights runs/seed0/model_s2_best.pt --data_root DL_data
 """
@@ -16,7 +19,7 @@ import torch.nn.functional as F
 
 from datasets import DataError, build_dataset, make_loader
 from eval import load_model
-from models import input_size, pick_device
+from models import PretrainedWeightsError, imagenet_classifier, input_size, pick_device
 from train import HelpWithDefaults, checkpoint_img_sizes
 
 
@@ -96,6 +99,20 @@ def main(argv=None):
                                             args.weight_decay)
         results[name] = val_acc
         print(f"{name:<14} {train_x[name].shape[1]:>8} {train_acc:>10.4f} {val_acc:>9.4f}")
+    if not ckpt.get("args", {}).get("pretrained", True):
+        print("the backbone's ImageNet classifier: not scored (the run began from random weights)")
+        return results
+    try:
+        weight, bias = imagenet_classifier(ckpt["backbone"], splits["val"].wnids)
+    except (ValueError, PretrainedWeightsError) as err:
+        print(f"the backbone's ImageNet classifier: not scored ({err})")
+        return results
+    train_acc, val_acc = [((x["backbone_s32"] @ weight.T + bias).argmax(1) == y).float().mean().item()
+                          for x, y in ((train_x, train_y), (val_x, val_y))]
+    results["imagenet_classifier"] = val_acc
+    channels = train_x["backbone_s32"].shape[1]
+    print(f"{'imagenet_head':<14} {channels:>8} {train_acc:>10.4f} {val_acc:>9.4f}  (backbone_s32 through the "
+          "backbone's own ImageNet classifier, not fitted)")
     return results
 
 

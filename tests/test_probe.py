@@ -33,8 +33,15 @@ def test_probe_script_on_a_checkpoint(demo_root, tmp_path, capsys):
     weights = tmp_path / "model.pt"
     torch.save({"model": model.state_dict(), "backbone": "efficientnet_lite0", "img_size": 64, "stage": 2}, weights)
     results = probe.main(["--weights", str(weights), "--data_root", str(demo_root), "--device", "cpu"])
-    assert set(results) == {"backbone_s32", "neck", "shared_conv1", "shared_conv2", "shared_conv3"}
+    assert set(results) == {"backbone_s32", "neck", "shared_conv1", "shared_conv2", "shared_conv3",
+                            "imagenet_classifier"}, "the demo classes are Imagenette's wnids"
     assert all(0.0 <= v <= 1.0 for v in results.values())
-    assert "shared_conv3" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "shared_conv3" in out and "backbone's own ImageNet classifier, not fitted" in out
+    torch.save({"model": model.state_dict(), "backbone": "efficientnet_lite0", "img_size": 64, "stage": 2,
+                "args": {"pretrained": False}}, weights)
+    results = probe.main(["--weights", str(weights), "--data_root", str(demo_root), "--device", "cpu"])
+    assert "imagenet_classifier" not in results
+    assert "ImageNet classifier: not scored (the run began from random weights)" in capsys.readouterr().out
     probe.main(["--weights", str(weights), "--data_root", str(demo_root), "--device", "cpu", "--img_size", "96"])
     assert "at 96 px" in capsys.readouterr().out
