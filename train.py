@@ -611,7 +611,8 @@ def new_images_distillation(args, stage, primary, learned, teacher, train_sets, 
     """What the stage distils on its new task's own images, as train_one_epoch's keyword
     arguments: the weights of segmentation's and detection's terms (--distill_seg_new_images,
     --distill_det_new_images; 0 for a task not learned before the stage) and, in the
-    classification stage, the backbone probe (--distill_backbone_probe), fitted here."""
+    classification stage, the backbone probe (--distill_backbone_probe), fitted here, or with
+    --backbone_probe imagenet the backbone's own ImageNet classifier."""
     backbone_probe = None
     if primary == "cls" and teacher is not None and args.distill_backbone_probe > 0:
         if args.backbone_probe == "imagenet":
