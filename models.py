@@ -129,11 +129,9 @@ def load_lite0_imagenet_state_dict():
     return {lite0_key_to_timm(k): v for k, v in state.items()}
 
 
-def imagenet_classifier(backbone: str, wnids):
-    """(weight (K, 1280), bias (K,)): the rows for `wnids` of the backbone's pretrained ImageNet-1k
-    classifier, the layer the feature extractor leaves out (train.py --backbone_probe imagenet). On
-    the average-pooled stride-32 features it knows the Imagenette classes from ImageNet's 1300
-    training images each, where a probe fitted here sees 24 (RESULTS.md, session 41)."""
+def imagenet_rows(wnids):
+    """The ImageNet-1k classifier's output index of each wnid; a ValueError naming the first
+    class folder that is not an ImageNet-1k wnid. No weights are read."""
     from timm.data import ImageNetInfo
 
     imagenet_wnids = ImageNetInfo().label_names()  # the classifier's 1000 outputs, in order
@@ -141,13 +139,21 @@ def imagenet_classifier(backbone: str, wnids):
     if unknown:
         raise ValueError(f"the ImageNet classifier knows only ImageNet-1k classes: class folder {unknown[0]!r} "
                          "is not an ImageNet-1k wnid (expected a name like n01440764)")
+    return torch.tensor([imagenet_wnids.index(w) for w in wnids])
+
+
+def imagenet_classifier(backbone: str, wnids):
+    """(weight (K, 1280), bias (K,)): the rows for `wnids` of the backbone's pretrained ImageNet-1k
+    classifier, the layer the feature extractor leaves out (train.py --backbone_probe imagenet). On
+    the average-pooled stride-32 features it knows the Imagenette classes from ImageNet's 1300
+    training images each, where a probe fitted here sees 24 (RESULTS.md, session 41)."""
+    rows = imagenet_rows(wnids)
     if backbone == "efficientnet_b0":
         state, prefix = load_b0_imagenet_state_dict(), "classifier.1"
     elif backbone == "efficientnet_lite0":
         state, prefix = load_lite0_imagenet_state_dict(), "classifier"
     else:
         raise ValueError(f"unknown backbone {backbone!r}; expected one of {', '.join(BACKBONES)}")
-    rows = torch.tensor([imagenet_wnids.index(w) for w in wnids])
     return state[f"{prefix}.weight"][rows], state[f"{prefix}.bias"][rows]
 
 

@@ -45,7 +45,7 @@ from datasets import (TASK_NAMES, TASKS, DataError, build_dataset, classificatio
 from losses import distillation_loss, kl_with_temperature, task_loss
 from metrics import MAX_DROP_PERCENT, PRIMARY_METRIC, drop_percent, evaluate
 from models import (BACKBONES, PretrainedWeightsError, UnifiedMultiTaskModel, count_trainable_parameters,
-                    imagenet_classifier, input_size, pick_device)
+                    imagenet_classifier, imagenet_rows, input_size, pick_device)
 from replay import ReplayBank
 
 STAGES = ((1, "seg"), (2, "det"), (3, "cls"))  # the order of the single pass
@@ -781,12 +781,13 @@ def load_data(args, cache=True):
 
 
 def check_imagenet_backbone_probe(args, cls_train_set):
-    """--backbone_probe imagenet needs ImageNet weights in the backbone and ImageNet classes."""
+    """--backbone_probe imagenet needs ImageNet weights in the backbone and ImageNet classes (the
+    weights themselves are read when stage 3 starts; build_model has read them once by then)."""
     if not args.pretrained:
         raise ValueError("--backbone_probe imagenet: the ImageNet classifier needs the pretrained backbone; "
                          "drop --no-pretrained or pass --backbone_probe fitted")
     try:
-        imagenet_classifier(args.backbone, cls_train_set.wnids)
+        imagenet_rows(cls_train_set.wnids)
     except ValueError as err:
         raise ValueError(f"--backbone_probe imagenet: {err} in {cls_train_set.root}") from None
 
