@@ -46,7 +46,10 @@ class EfficientNetB0Backbone(nn.Module):
         super().__init__()
         from torchvision.models import efficientnet_b0
 
-        net = efficientnet_b0()
+        # No stochastic depth (torchvision's default drops residual branches with p up to 0.2): from
+        # stage 2 on the backbone is frozen or slow, and replay targets come from it in eval mode.
+        # timm's Lite0 has none either.
+        net = efficientnet_b0(stochastic_depth_prob=0.0)
         if pretrained:
             net.load_state_dict(load_b0_imagenet_state_dict())
         self.to_s16 = net.features[:6]

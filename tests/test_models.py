@@ -55,6 +55,21 @@ def test_forward_train_mode_and_backward(random_model):
     random_model.zero_grad(set_to_none=True)
 
 
+def test_backbone_has_no_random_layers_in_train_mode(random_model):
+    """With its BatchNorm statistics frozen, as from stage 2 on, the backbone in train mode is the
+    same function as in eval mode (no stochastic depth or dropout): replay targets computed in
+    eval mode stay reachable."""
+    random_model.train()
+    for m in random_model.backbone.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        first, second = random_model.backbone(x)[1], random_model.backbone(x)[1]
+        reference = random_model.eval().backbone(x)[1]
+    assert torch.equal(first, second) and torch.equal(first, reference)
+
+
 def test_non_square_input(random_model):
     random_model.eval()
     with torch.inference_mode():
