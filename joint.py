@@ -104,7 +104,7 @@ def main(argv=None):
     for epoch in range(1, args.epochs + 1):
         started = time.time()
         train.set_seed(args.seed + epoch)
-        train.set_train_mode(model, None, [])
+        train.set_train_mode(model, None, [], imagenet_statistics=args.pretrained)
         loaders = [make_loader(data["train"][task], args.batch_size, shuffle=True, workers=args.workers,
                                pin_memory=device.type == "cuda", seed=args.seed + 1000 * k + epoch)
                    for k, task in enumerate(tasks)]

@@ -381,13 +381,14 @@ def parameter_groups(model, primaries, learned, factors, base_lr):
     return groups
 
 
-def set_train_mode(model, primary, learned):
+def set_train_mode(model, primary, learned, imagenet_statistics=True):
     """Train mode, but BatchNorm statistics stay frozen where they serve a task already learned:
-    the backbone always (ImageNet statistics), every shared layer once stage 1 is over."""
+    the backbone's from the start when they are ImageNet's (a --no-pretrained backbone,
+    imagenet_statistics=False, learns its own in stage 1), every shared layer once stage 1 is over."""
     model.train()
-    frozen = [model.backbone]
+    frozen = [model.backbone] if imagenet_statistics else []
     if learned:
-        frozen += [model.neck, model.shared_conv1, model.shared_conv2, model.shared_conv3]
+        frozen = [model.backbone, model.neck, model.shared_conv1, model.shared_conv2, model.shared_conv3]
         frozen += [getattr(model, f"{t}_head") for t in TASKS if t != primary]
     for module in frozen:
         for m in module.modules():
@@ -703,7 +704,7 @@ def run_stage(stage, primary, model, data, state, args, device, log):
     for epoch in range(start_epoch, epochs + 1):
         started = time.time()
         set_seed(args.seed + 1000 * stage + epoch)  # same augmentation whether resumed or not
-        set_train_mode(model, primary, learned)
+        set_train_mode(model, primary, learned, imagenet_statistics=args.pretrained)
         loader = make_loader(data["train"][primary], args.batch_size, shuffle=True, workers=args.workers,
                              pin_memory=device.type == "cuda", seed=args.seed + 1000 * stage + epoch)
         batches = ({primary: batch} for batch in tqdm(loader, desc=f"s{stage} {primary} {epoch}/{epochs}",

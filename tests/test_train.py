@@ -108,6 +108,19 @@ def test_batchnorm_statistics_of_learned_tasks_stay_frozen():
     assert torch.equal(head_before, model.det_head[1].running_mean) and model.det_head[1].training
 
 
+def test_backbone_statistics_learn_in_stage_1_only_without_imagenet_weights():
+    def backbone_norms_learning(model):
+        return {m.training for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+
+    model = UnifiedMultiTaskModel("efficientnet_lite0", pretrained=False)
+    train.set_train_mode(model, "seg", [])
+    assert backbone_norms_learning(model) == {False}, "ImageNet statistics stay"
+    train.set_train_mode(model, "seg", [], imagenet_statistics=False)
+    assert backbone_norms_learning(model) == {True}, "a --no-pretrained backbone learns its own in stage 1"
+    train.set_train_mode(model, "det", ["seg"], imagenet_statistics=False)
+    assert backbone_norms_learning(model) == {False}, "and keeps them once segmentation has been learned"
+
+
 @pytest.mark.parametrize("task", ["seg", "det", "cls"])
 def test_distillation_is_zero_when_student_equals_teacher(task):
     model = UnifiedMultiTaskModel("efficientnet_lite0", pretrained=False).eval()
