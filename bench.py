@@ -18,7 +18,8 @@ Modes (each one adds a single optimisation to the previous, so the table is an a
                     session 26 its stage 3 lets the backbone's stride-32 blocks learn)
 
 Throughput counts primary-task training images per second of a whole epoch (240 images,
-replay batches and distillation included). Every mode does train.py's default step: the
+replay batches and distillation included), at train.py's input size of each task (replay
+batches at their own task's size) unless --img_size sets one for all. Every mode does train.py's default step: the
 weight average (--ema_decay) is updated after every step, and in stages 2-3 the teacher also
 runs on the new task's batch for the earlier tasks' distillation on it
 (--distill_seg_new_images, in stage 3 --distill_det_new_images and the backbone probe's,
@@ -59,14 +60,18 @@ def parse_args(argv=None):
     p.add_argument("--data_root", default="DL_data", help="folder of the three datasets")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--backbone", default="efficientnet_lite0", help="as train.py's --backbone")
-    p.add_argument("--img_size", type=input_size, default=224, help="input size of every task")
+    p.add_argument("--img_size", type=input_size, default=None,
+                   help="input size of every task (default: train.py's size of each task)")
     p.add_argument("--batch_size", type=int, default=32, help="images of the stage's own task per step")
     p.add_argument("--replay_batch_size", type=int, default=8, help="images of each earlier task replayed per step")
     p.add_argument("--stages", default="3", help="comma list of stages to time (1, 2, 3); stage 3 gives speedup=")
     p.add_argument("--modes", default="baseline,default", help=f"comma list of {', '.join(MODES)}")
     p.add_argument("--steps", type=int, default=None, help="time only this many steps per epoch (default: all)")
     p.add_argument("--pipeline", action="store_true", help="also time a short full pipeline (1/1/1 epochs)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.size_flags = [] if args.img_size is None else ["--img_size", str(args.img_size)]
+    args.img_sizes = train.parse_args(args.size_flags).img_sizes  # train.py's sizes unless --img_size
+    return args
 
 
 def synchronize(device):
@@ -83,7 +88,7 @@ def time_stage_epoch(stage, mode, args, device, data_cache):
     setup = 0.0
     if cache not in data_cache:
         started = time.perf_counter()
-        recipe = train.parse_args(["--data_root", args.data_root, "--img_size", str(args.img_size)])
+        recipe = train.parse_args(["--data_root", args.data_root, *args.size_flags])
         data_cache[cache] = {t: train.build_train_set(t, recipe, cache) for t in TASKS}
         data_cache[(cache, "build_s")] = time.perf_counter() - started
     data = data_cache[cache]
@@ -134,7 +139,7 @@ def eval_throughput(args, device):
     model = UnifiedMultiTaskModel(args.backbone, pretrained=True).to(device).use_channels_last().eval()
     rates = {}
     for task in TASKS:
-        dataset = build_dataset(task, args.data_root, "val", args.img_size, train=False)
+        dataset = build_dataset(task, args.data_root, "val", args.img_sizes[task], train=False)
         evaluate(model, dataset, task, batch_size=args.batch_size)  # warm-up
         synchronize(device)
         started = time.perf_counter()
@@ -148,7 +153,7 @@ def time_pipeline(args, mode_flags):
     started = time.perf_counter()
     out_dir = tempfile.mkdtemp(prefix="onehead_bench_")  # a fresh folder: train.py never overwrites a run
     train.main(["--data_root", args.data_root, "--out_dir", out_dir,
-                "--backbone", args.backbone, "--img_size", str(args.img_size), "--device", args.device,
+                "--backbone", args.backbone, *args.size_flags, "--device", args.device,
                 "--epochs_seg", "1", "--epochs_det", "1", "--epochs_cls", "1", *mode_flags.split()])
     return time.perf_counter() - started
 
@@ -160,7 +165,7 @@ def main(argv=None):
     stages = [int(s) for s in args.stages.split(",")]
     modes = args.modes.split(",")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    print(f"device {name}, backbone {args.backbone}, img_size {args.img_size}, batch {args.batch_size} "
+    print(f"device {name}, backbone {args.backbone}, {train.describe_sizes(args.img_sizes)}, batch {args.batch_size} "
           f"+ replay {args.replay_batch_size} per earlier task, torch {torch.__version__}")
     print(f"{'stage':<6} {'mode':<18} {'img/s':>8} {'setup s':>8} {'epoch s (+setup/epochs)':>24}")
     epoch_seconds = {}

@@ -1,5 +1,6 @@
 """bench.py runs end to end (tiny settings on the demo data) and ends with the speedup line."""
 import bench
+import train
 
 
 def test_bench_prints_a_table_and_the_speedup_last(demo_root, capsys):
@@ -12,3 +13,8 @@ def test_bench_prints_a_table_and_the_speedup_last(demo_root, capsys):
                for line in lines) == 4
     assert any(line.startswith("pipeline 1/1/1 epochs --baseline_mode") for line in lines)
     assert lines[-1].startswith("speedup=") and float(lines[-1].split("=")[1]) > 0
+
+
+def test_bench_times_train_py_input_sizes_unless_told():
+    assert bench.parse_args([]).img_sizes == train.IMG_SIZES
+    assert set(bench.parse_args(["--img_size", "96"]).img_sizes.values()) == {96}
