@@ -867,7 +867,8 @@ def start_from_checkpoint(path, out_dir, model, args):
 
 # A resumed run may move (data, outputs, device) and run its stages longer; every other flag is
 # part of the recipe and must be the first run's. The weights come from last.pt, so --no-pretrained
-# does not matter; sizes and factor tables are compared as the tables they become.
+# need not be repeated (the first run's is used); sizes and factor tables are compared as the
+# tables they become.
 RESUME_MAY_CHANGE = {"data_root", "out_dir", "device", "workers", "epochs_seg", "epochs_det", "epochs_cls",
                      "resume", "start_from", "stop_after_epochs", "demo", "pretrained",
                      "img_size", "img_size_seg", "img_size_det", "img_size_cls", "img_sizes", "lr_factor",
@@ -915,6 +916,7 @@ def resume_state(out_dir, model, args):
             if saved != value:
                 raise ValueError(f"--resume: {path} was trained {as_flag(flag, saved)}; pass the same flags")
     model.load_state_dict(state.pop("model"))
+    args.pretrained = saved_args.get("pretrained", True)  # whether stage 1 keeps ImageNet's BN statistics
     state.pop("args")
     state.pop("epochs_this_run", None)  # counts this invocation's epochs only (--stop_after_epochs)
     return state

@@ -389,6 +389,24 @@ def test_resume_after_an_interruption_gives_the_same_outputs(demo_root, tmp_path
         assert torch.equal(tensor, b["model"][name]), name
 
 
+def test_resume_inside_stage_1_keeps_the_first_runs_no_pretrained(demo_root, tmp_path):
+    # A --no-pretrained backbone learns its BatchNorm statistics in stage 1; a resume that omits
+    # the flag (allowed: the weights come from last.pt) must go on doing so.
+    flags = ["--epochs_seg", "2"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    with pytest.raises(SystemExit):
+        run_train(demo_root, straight, *flags, "--stop_after_epochs", "2")
+    with pytest.raises(SystemExit):
+        run_train(demo_root, resumed, *flags, "--stop_after_epochs", "1")
+    without_flag = [arg for arg in TINY if arg != "--no-pretrained"]
+    with pytest.raises(SystemExit):
+        train.main(["--data_root", str(demo_root), "--out_dir", str(resumed), *without_flag, *flags,
+                    "--resume", "--stop_after_epochs", "1"])
+    a = torch.load(straight / "last.pt", weights_only=False)["model"]
+    b = torch.load(resumed / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(tensor, b[name]) for name, tensor in a.items())
+
+
 def test_resume_without_a_previous_run_is_a_clear_error(demo_root, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         run_train(demo_root, tmp_path, "--resume")
