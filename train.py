@@ -852,6 +852,9 @@ def start_from_checkpoint(path, out_dir, model, args):
     if not path.is_file():
         raise ValueError(f"--start_from {path}: file not found")
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if ckpt.get("stage") not in CHECKPOINT_NAMES or ckpt["stage"] == len(STAGES):
+        raise ValueError(f"--start_from {path}: holds stage {ckpt.get('stage')!r}, expected the checkpoint of "
+                         f"a stage before the last ({', '.join(CHECKPOINT_NAMES[s] for s, _ in STAGES[:-1])})")
     # The stages it holds must have seen the same inputs; later tasks may change their size.
     done = [task for stage, task in STAGES if stage <= ckpt["stage"]]
     sizes = checkpoint_img_sizes(ckpt)

@@ -528,6 +528,16 @@ def test_each_task_trains_and_validates_at_its_own_size(tiny_run, demo_root, tmp
     assert "--start_from" in str(exit_info.value) and "img_size 64" in str(exit_info.value)
 
 
+def test_start_from_a_final_or_joint_checkpoint_is_a_clear_error(tiny_run, demo_root, tmp_path):
+    joint = tmp_path / "joint.pt"
+    torch.save({"stage": "joint", "model": {}}, joint)
+    for path, stage in ((tiny_run[0] / "model_final_best_1pass.pt", "3"), (joint, "'joint'")):
+        with pytest.raises(SystemExit) as exit_info:
+            run_train(demo_root, tmp_path / "run", "--start_from", str(path))
+        message = str(exit_info.value)
+        assert f"--start_from {path}: holds stage {stage}" in message and "model_s2_best.pt" in message
+
+
 def test_lr_factor_overrides_one_entry_of_one_stage():
     args = train.parse_args(["--lr_factor", "3", "neck", "0.5", "--lr_factor", "1", "backbone", "0"])
     assert args.lr_factors[3]["neck"] == 0.5
