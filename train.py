@@ -31,7 +31,6 @@ import os
 import random
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -220,9 +219,9 @@ def build_parser(description=__doc__.split("\n\n")[0], sequential=True):
     s.add_argument("--start_from", metavar="CKPT", help="begin after the stage of this stage checkpoint (e.g. "
                    "model_s1_best.pt: run stages 2-3 only), with its weights and baselines")
     s.add_argument("--demo", action="store_true",
-                   help="generate the demo dataset in a temporary folder and run the whole pipeline on it "
-                        "(it sets the data, backbone, input sizes, batch size, epochs and --ema_decay itself, so those flags "
-                        "cannot be given with it; outputs in demo_out/)")
+                   help="generate the demo dataset and run the whole pipeline on it (it sets the data, backbone, "
+                        "input sizes, batch size, epochs and --ema_decay itself, so those flags cannot be given "
+                        "with it; outputs in demo_out/ unless --out_dir, the data in its demo_data/)")
     s.add_argument("--baseline_mode", action="store_true",
                    help="the straightforward way, for speed comparisons: decode every image every epoch, "
                         "teacher forward on every replay batch, default memory format, float32, glibc's own "
@@ -287,20 +286,19 @@ def parse_args(argv=None, parser=None):
 
 
 # --demo: small images, a short schedule, the offline backbone; parse_args sets these (and every
-# task's input size, and apply_demo_settings the data), so giving one of them with --demo is an error.
+# task's input size, and write_demo_data the data), so giving one of them with --demo is an error.
 # ema_decay 0.8: the default 0.95 averages about the last 20 steps, most of a 48-step demo stage (Top-1 0.17
 # against 0.58).
 DEMO_SETTINGS = {"backbone": "efficientnet_lite0", "img_size": 128, "batch_size": 8,
                  "epochs_seg": 10, "epochs_det": 10, "epochs_cls": 8, "ema_decay": 0.8}
 
 
-def apply_demo_settings(args):
-    """--demo: the generated data in a temporary folder, outputs in demo_out/ (the flags: DEMO_SETTINGS)."""
+def write_demo_data(out_dir):
+    """--demo's data (the other flags: DEMO_SETTINGS): generated into OUT_DIR/demo_data, beside the
+    run it trains, so eval.py can score the run again (--data_root demo_out/demo_data)."""
     from demo_data import make_demo
 
-    args.data_root = str(make_demo(tempfile.mkdtemp(prefix="onehead_demo_"), n_train=48, n_val=24))
-    if args.out_dir == ".":
-        args.out_dir = "demo_out"
+    return str(make_demo(out_dir / "demo_data", n_train=48, n_val=24))
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -800,8 +798,8 @@ def build_model(args, device, channels_last=True):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.demo:
-        apply_demo_settings(args)
+    if args.demo and args.out_dir == ".":
+        args.out_dir = "demo_out"
     if args.baseline_mode:  # the reference's recipe, executed the straightforward way
         args.amp = "off"
         for stage in (2, 3):
@@ -812,6 +810,8 @@ def main(argv=None):
         refuse_to_overwrite(out_dir, ["training_log.jsonl", "last.pt", *CHECKPOINT_NAMES.values()],
                             "continue it with --resume or choose another --out_dir")
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.demo:  # after the overwrite check: a refused run touches nothing of the earlier one
+        args.data_root = write_demo_data(out_dir)
     log = setup_logging(out_dir)
     try:
         device = pick_device(args.device)

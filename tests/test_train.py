@@ -407,6 +407,20 @@ def test_resume_inside_stage_1_keeps_the_first_runs_no_pretrained(demo_root, tmp
     assert all(torch.equal(tensor, b[name]) for name, tensor in a.items())
 
 
+def test_demo_writes_its_data_beside_the_run_and_never_over_an_earlier_one(tmp_path):
+    out_dir = tmp_path / "demo"
+    with pytest.raises(SystemExit):  # one epoch is enough to see where everything goes
+        train.main(["--demo", "--out_dir", str(out_dir), "--stop_after_epochs", "1"])
+    data = out_dir / "demo_data"
+    assert len(list((data / "imagenette-160" / "val").rglob("*.JPEG"))) == 24
+    assert torch.load(out_dir / "last.pt", weights_only=False)["args"]["data_root"] == str(data)
+    image = next((data / "mini_voc_seg" / "JPEGImages").iterdir())
+    image.unlink()
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--demo", "--out_dir", str(out_dir)])
+    assert "already holds a run" in str(exit_info.value) and not image.exists(), "nothing rewritten"
+
+
 def test_resume_without_a_previous_run_is_a_clear_error(demo_root, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         run_train(demo_root, tmp_path, "--resume")
