@@ -5,7 +5,7 @@
     cls  imagenette-160   ImageFolder, 10 classes
 
 Every image is decoded and resized to `img_size` x `img_size` once, when the dataset is
-built, and kept in memory as uint8 (720 small images); augmentation then works on tensors
+built, and kept in memory as uint8 (900 small images: train and val of three tasks); augmentation then works on tensors
 (transforms.v2 with tv_tensors, so a flip moves boxes and masks with the image).
 `cache=False` decodes every image again on every access: the straightforward way, kept
 for the speed benchmark. Images leave here as uint8; the model converts and normalises
@@ -131,8 +131,8 @@ def mosaic(samples, top, left):
 def classification_batch_mixing(mixup_alpha, cutmix_alpha, num_classes):
     """MixUp and / or CutMix on a whole classification batch (images, integer labels) -> (mixed
     images, soft labels (N, num_classes)); each batch gets one of the two when both are on.
-    None when both alphas are 0. Applied to the float batch the model sees, after
-    prepare_input: a blend of normalised images is the normalised blend."""
+    None when both alphas are 0. Applied to the [0, 1] float batch from prepare_input; the
+    model's normalisation is affine, so mixing before it equals mixing after it."""
     mixes = [mix(alpha=alpha, num_classes=num_classes)
              for mix, alpha in ((v2.MixUp, mixup_alpha), (v2.CutMix, cutmix_alpha)) if alpha > 0]
     if not mixes:
@@ -236,13 +236,13 @@ class COCODetection(TaskDataset):
             images, annotations = coco["images"], coco["annotations"]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise DataError(f"{ann_file}: not a COCO instances json ({type(err).__name__}: {err})") from None
-        # Sparse COCO ids (1, 3, 16, ...) -> contiguous 0..C-1, in the order of `categories`.
         for kind, entries, keys in (("image", images, ("id", "file_name", "height", "width")),
                                     ("annotation", annotations, ("image_id", "category_id", "bbox"))):
             for entry in entries:
                 missing = [k for k in keys if k not in entry]
                 if missing:
                     raise DataError(f"{ann_file}: {kind} {entry.get('id', '?')} lacks {', '.join(missing)}")
+        # Sparse COCO ids (1, 3, 16, ...) -> contiguous 0..C-1, in the order of the sorted ids.
         self.cat_id_to_label = {c["id"]: k for k, c in enumerate(categories)}
         self.class_names = [c["name"] for c in categories]
         self.images = images

@@ -5,7 +5,7 @@ of every detection training image (train.py's flip, zoom and colour jitter) and 
 memory. The layers above it, with the checkpoint's weights (or fresh ones with `--fresh`),
 and a freshly initialised det head are then trained on those features with train.py's
 detection loss, and scored on val with the metric eval.py uses. Nothing below the layer
-learns or runs again, so an epoch costs a few seconds instead of a stage-2 epoch's minute.
+learns or runs again, so an epoch costs a few seconds instead of a stage-2 epoch's 20-30 s.
 
     --layer shared_conv3   train shared conv 3 + the det head on what shared conv 2 gives:
                            about what stage 2 can do, whose earlier layers barely move

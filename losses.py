@@ -1,6 +1,6 @@
 """Task losses and the LwF distillation losses, one place for each.
 
-    task_loss(task, outputs, targets)            the primary task's supervised loss
+    task_loss(task, outputs, targets, options)   the primary task's supervised loss
     soft_dice_loss(logits, targets)              segmentation's optional second loss term
     distillation_loss(task, student, teacher, weights, temperature)
                                                  what keeps an earlier task alive on its

@@ -149,7 +149,7 @@ def imagenet_classifier(backbone: str, wnids):
     """(weight (K, 1280), bias (K,)): the rows for `wnids` of the backbone's pretrained ImageNet-1k
     classifier, the layer the feature extractor leaves out (train.py --backbone_probe imagenet). On
     the average-pooled stride-32 features it knows the Imagenette classes from ImageNet's 1300
-    training images each, where a probe fitted here sees 24 (RESULTS.md, session 41)."""
+    training images each, where a probe fitted here sees 24 per class (RESULTS.md, session 41)."""
     rows = imagenet_rows(wnids)
     if backbone == "efficientnet_b0":
         state, prefix = load_b0_imagenet_state_dict(), "classifier.1"

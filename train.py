@@ -55,7 +55,8 @@ CHECKPOINT_NAMES = {1: "model_s1_best.pt", 2: "model_s2_best.pt", 3: "model_fina
 # the ImageNet backbone slowly. Stage 2 uses the reference README's table (stage 3 changes it,
 # below), except the backbone: 0 (frozen) instead of 0.005, which at the reference's 1e-4 base
 # LR was a 5e-7 learning rate, frozen in all but cost; frozen, autograd skips it.
-# Stage 3 lets the neck and early/mid shared convs learn 10x faster than stage 2: the
+# Stage 3 gives the neck and shared conv 1 ten times stage 2's factor and shared conv 2 six
+# times (at a third of stage 2's base LR, so about 3x and 2x the rate): the
 # backbone separates the Imagenette classes far better than what segmentation left in them
 # (probe.py), and it raised Top-1 from about 0.73 to 0.83 at 224 px while every task stayed
 # within 5% (with --select_window 3; RESULTS.md). Stage 2 that plastic cost seg up to 13%.
@@ -347,7 +348,7 @@ def keep_freed_memory(enabled=True):
 def parameter_groups(model, primaries, learned, factors, base_lr):
     """AdamW groups from the factor table; every trainable parameter lands in exactly one group.
 
-    Heads: the primary tasks' (one in a sequential stage, all three in joint.py) get
+    Heads: the primary tasks' (one in a sequential stage, every task of joint.py --tasks) get
     `task_head`, heads of earlier (distilled) tasks get `distill_head`, heads of tasks not
     learned yet get 0. A module whose factor is 0 is
     frozen (requires_grad off), so autograd skips it: with the backbone frozen in stage 2 a
@@ -474,7 +475,8 @@ def train_one_epoch(model, batches, replay_banks, optimizer, scaler, args, devic
     after every step. With a `teacher` (the previous stage's frozen model) and a
     `seg_new_images_weight` > 0, segmentation is distilled on the primary batches' images too
     (detection likewise with `det_new_images_weight` > 0), and with a `backbone_probe`
-    (fit_backbone_probe) the classification output is distilled toward its logits.
+    (fit_backbone_probe or imagenet_backbone_probe) the classification output is distilled toward
+    its logits.
 
     Each loss is backpropagated as soon as it is computed and the gradients add up before the
     step: the same step as one backward of the summed loss, but only one task's graph is held

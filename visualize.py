@@ -2,9 +2,10 @@
 
     python eval.py ... --save_vis DIR   ->   DIR/seg_00.png, DIR/det_00.png, DIR/cls_00.png, ...
 
-The model sees the same img_size input as in metrics.evaluate(), but everything is drawn
+The model sees the same img_size input as in metrics.evaluate(), and everything is drawn
 at the ORIGINAL image resolution against `dataset.eval_target(i)`, the ground truth the
-metrics score against, so a picture shows exactly what was measured.
+metrics score against. Detection pictures show the boxes scoring at least 0.3; the metric
+also ranks the lower-scored ones (detection.decode's 0.05 threshold, up to 100 per image).
 """
 from pathlib import Path
 
