@@ -124,7 +124,7 @@ def main(argv=None):
         is_best = best_score is None or score > best_score
         if is_best:
             best_score = score
-            train.save_atomic(train.checkpoint(scored, args, data["class_names"], {}, "joint", epoch, metrics),
+            train.save_atomic(train.checkpoint_dict(scored, args, data["class_names"], {}, "joint", epoch, metrics),
                               out_dir / CHECKPOINT_NAME)
         record = {"task": "joint", "tasks": tasks, "epoch": epoch, "epochs": args.epochs, "lr": lr, "losses": losses,
                   **metrics, "mean_score": score, "best": is_best, "time_s": round(time.time() - started, 2)}

@@ -13,12 +13,13 @@ DISTILLED_OUTPUTS = {"seg": ("seg_coarse",), "det": ("det", "feat"), "cls": ("cl
 
 
 class ReplayBank:
-    def __init__(self, dataset, teacher, generator, precompute=True, batch_size=32, amp_dtype=None, keys=None):
+    def __init__(self, dataset, teacher, generator, precompute=True, precompute_batch_size=32, amp_dtype=None,
+                 keys=None):
         """keys: the teacher outputs to keep (default: those the dataset's task is distilled through)."""
         self.dataset, self.teacher, self.generator, self.amp_dtype = dataset, teacher, generator, amp_dtype
         self.keys = keys or DISTILLED_OUTPUTS[dataset.task]
         self.images = dataset.images_uint8() if precompute else None  # (N, 3, S, S) uint8, CPU
-        self.teacher_outputs = self._precompute(batch_size) if precompute else None
+        self.teacher_outputs = self._precompute(precompute_batch_size) if precompute else None
 
     def __len__(self):
         return len(self.dataset)

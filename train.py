@@ -422,7 +422,7 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
-def checkpoint(model, args, class_names, baselines, stage, epoch, metrics):
+def checkpoint_dict(model, args, class_names, baselines, stage, epoch, metrics):
     return {"model": model.state_dict(), "backbone": args.backbone, "img_sizes": dict(args.img_sizes),
             "class_names": class_names, "baselines": dict(baselines), "stage": stage, "epoch": epoch,
             "metrics": metrics, "args": vars(args)}
@@ -721,7 +721,7 @@ def run_stage(stage, primary, model, data, state, args, device, log):
         if is_best:
             best_key = key
             baselines = {**state["baselines"], PRIMARY_METRIC[primary]: own}
-            save_atomic(checkpoint(scored, args, data["class_names"], baselines, stage, epoch, metrics),
+            save_atomic(checkpoint_dict(scored, args, data["class_names"], baselines, stage, epoch, metrics),
                         out_dir / CHECKPOINT_NAMES[stage])
         record = {"stage": stage, "task": primary, "epoch": epoch, "epochs": epochs, "lr": lr,
                   "losses": losses, **metrics, "baselines": state["baselines"], "best": is_best,
@@ -747,7 +747,7 @@ def run_stage(stage, primary, model, data, state, args, device, log):
         if blend is not None:
             alpha, metrics = blend
             baselines = {**state["baselines"], PRIMARY_METRIC[primary]: metrics[PRIMARY_METRIC[primary]]}
-            best = {**checkpoint(model, args, data["class_names"], baselines, stage, best["epoch"], metrics),
+            best = {**checkpoint_dict(model, args, data["class_names"], baselines, stage, best["epoch"], metrics),
                     "blend": alpha}
             save_atomic(best, out_dir / CHECKPOINT_NAMES[stage])
     state["baselines"] = best["baselines"]

@@ -103,13 +103,13 @@ def draw_cls(image, pred, prob, label, names, path):
     plt.close(fig)
 
 
-def save_visualizations(model, dataset, task, out_dir, num_images=4, class_names=None, score_threshold=0.3):
+def save_visualizations(model, dataset, task, out_dir, num_images=4, score_threshold=0.3):
     """Write `{task}_{k:02d}.png` for `num_images` images of `dataset` spread evenly; return the paths."""
     if task not in ("seg", "det", "cls"):
         raise ValueError(f"unknown task {task!r}; expected 'seg', 'det' or 'cls'")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    names = class_names or (VOC_CLASSES if task == "seg" else dataset.class_names)
+    names = VOC_CLASSES if task == "seg" else dataset.class_names
     indices = pick_indices(len(dataset), num_images)
     if not indices:
         return []
