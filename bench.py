@@ -17,7 +17,7 @@ Modes (each one adds a single optimisation to the previous, so the table is an a
                     factor table (train.LR_FACTORS), so it times what train.py does (since
                     session 26 its stage 3 lets the backbone's stride-32 blocks learn)
 
-Throughput counts primary-task training images per second of a whole epoch (240 images,
+Throughput counts primary-task training images per second of a whole epoch (a training set, 240 images here,
 replay batches and distillation included), at train.py's input size of each task (replay
 batches at their own task's size) unless --img_size sets one for all. Every mode does train.py's default step: the
 weight average (--ema_decay) is updated after every step, and in stages 2-3 the teacher also
@@ -33,15 +33,16 @@ import argparse
 import copy
 import itertools
 import logging
+import sys
 import tempfile
 import time
 
 import torch
 
 import train
-from datasets import TASKS, build_dataset
+from datasets import TASKS, DataError, build_dataset
 from metrics import evaluate
-from models import UnifiedMultiTaskModel, input_size, pick_device
+from models import PretrainedWeightsError, UnifiedMultiTaskModel, input_size, pick_device
 from replay import ReplayBank
 
 MODES = {  # name: (channels_last, cache, teacher_cache, backbone factor in stages 2-3 (None: train.py's), keep freed memory, amp)
@@ -69,6 +70,17 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="time only this many steps per epoch (default: all)")
     p.add_argument("--pipeline", action="store_true", help="also time a short full pipeline (1/1/1 epochs)")
     args = p.parse_args(argv)
+    stages = [s.strip() for s in args.stages.split(",")]
+    if any(s not in ("1", "2", "3") for s in stages):
+        p.error(f"--stages {args.stages}: expected a comma list of 1, 2, 3")
+    args.stages = [int(s) for s in stages]
+    args.modes = [m.strip() for m in args.modes.split(",")]
+    unknown = [m for m in args.modes if m not in MODES]
+    if unknown:
+        p.error(f"--modes: unknown mode {unknown[0]!r}, expected some of {', '.join(MODES)}")
+    for name in ("batch_size", "replay_batch_size", "steps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     args.size_flags = [] if args.img_size is None else ["--img_size", str(args.img_size)]
     args.img_sizes = train.parse_args(args.size_flags).img_sizes  # train.py's sizes unless --img_size
     return args
@@ -80,7 +92,7 @@ def synchronize(device):
 
 
 def time_stage_epoch(stage, mode, args, device, data_cache):
-    """(primary img/s of one epoch, one-time setup seconds) for a stage under a mode."""
+    """(primary img/s of one epoch, one-time setup seconds, images per epoch) for a stage under a mode."""
     channels_last, cache, teacher_cache, backbone_factor, keep_memory, amp = MODES[mode]
     train.keep_freed_memory(keep_memory)
     primary = train.STAGES[stage - 1][1]
@@ -132,7 +144,7 @@ def time_stage_epoch(stage, mode, args, device, data_cache):
     synchronize(device)
     seconds = time.perf_counter() - started
     images = min(steps * args.batch_size, len(data[primary]))
-    return images / seconds, setup
+    return images / seconds, setup, len(data[primary])
 
 
 def eval_throughput(args, device):
@@ -151,31 +163,37 @@ def eval_throughput(args, device):
 
 def time_pipeline(args, mode_flags):
     started = time.perf_counter()
-    out_dir = tempfile.mkdtemp(prefix="onehead_bench_")  # a fresh folder: train.py never overwrites a run
-    train.main(["--data_root", args.data_root, "--out_dir", out_dir,
-                "--backbone", args.backbone, *args.size_flags, "--device", args.device,
-                "--epochs_seg", "1", "--epochs_det", "1", "--epochs_cls", "1", *mode_flags.split()])
+    with tempfile.TemporaryDirectory(prefix="onehead_bench_") as out_dir:  # fresh: train.py never overwrites a run
+        train.main(["--data_root", args.data_root, "--out_dir", out_dir, "--backbone", args.backbone,
+                    *args.size_flags, "--device", args.device, "--batch_size", str(args.batch_size),
+                    "--replay_batch_size", str(args.replay_batch_size),
+                    "--epochs_seg", "1", "--epochs_det", "1", "--epochs_cls", "1", *mode_flags.split()])
     return time.perf_counter() - started
 
 
 def main(argv=None):
     args = parse_args(argv)
+    try:
+        run_benchmark(args)
+    except (DataError, PretrainedWeightsError, ValueError) as err:
+        sys.exit(f"error: {err}")
+
+
+def run_benchmark(args):
     device = pick_device(args.device)
     args.device = str(device)
-    stages = [int(s) for s in args.stages.split(",")]
-    modes = args.modes.split(",")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"device {name}, backbone {args.backbone}, {train.describe_sizes(args.img_sizes)}, batch {args.batch_size} "
           f"+ replay {args.replay_batch_size} per earlier task, torch {torch.__version__}")
     print(f"{'stage':<6} {'mode':<18} {'img/s':>8} {'setup s':>8} {'epoch s (+setup/epochs)':>24}")
     epoch_seconds = {}
     data_cache = {}
-    for stage in stages:
+    for stage in args.stages:
         default_epochs = getattr(train.parse_args([]), f"epochs_{train.STAGES[stage - 1][1]}")
-        for mode in modes:
-            rate, setup = time_stage_epoch(stage, mode, args, device, data_cache)
+        for mode in args.modes:
+            rate, setup, images = time_stage_epoch(stage, mode, args, device, data_cache)
             # One-time costs are paid once per stage: spread them over the stage's default epochs.
-            seconds = 240 / rate + setup / default_epochs
+            seconds = images / rate + setup / default_epochs
             epoch_seconds[(stage, mode)] = seconds
             print(f"{stage:<6} {mode:<18} {rate:>8.1f} {setup:>8.1f} {seconds:>24.1f}", flush=True)
     rates = eval_throughput(args, device)

@@ -1,4 +1,6 @@
 """bench.py runs end to end (tiny settings on the demo data) and ends with the speedup line."""
+import pytest
+
 import bench
 import train
 
@@ -18,3 +20,18 @@ def test_bench_prints_a_table_and_the_speedup_last(demo_root, capsys):
 def test_bench_times_train_py_input_sizes_unless_told():
     assert bench.parse_args([]).img_sizes == train.IMG_SIZES
     assert set(bench.parse_args(["--img_size", "96"]).img_sizes.values()) == {96}
+
+
+@pytest.mark.parametrize("flags", [["--stages", "0"], ["--stages", "4"], ["--stages", "3,x"],
+                                   ["--modes", "baseline,fast"], ["--steps", "0"], ["--batch_size", "0"]])
+def test_bad_flags_are_rejected(flags, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.parse_args(flags)
+    assert exit_info.value.code == 2 and flags[0] in capsys.readouterr().err
+
+
+def test_missing_data_is_a_one_line_error(tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--data_root", str(tmp_path / "nowhere"), "--device", "cpu", "--img_size", "64"])
+    message = str(exit_info.value)
+    assert message.startswith("error: ") and "nowhere" in message and "\n" not in message
