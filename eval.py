@@ -67,24 +67,27 @@ def parse_args(argv=None):
     return args
 
 
-def load_model(path, device):
-    """(model, checkpoint dict) or a one-line error naming the file."""
+def load_model(path, device, flag="--weights"):
+    """(model, checkpoint dict) or a one-line error naming the file (and the flag that gave it)."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"--weights {path}: file not found")
+        raise ValueError(f"{flag} {path}: file not found")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:
-        raise ValueError(f"--weights {path}: not a readable checkpoint ({type(err).__name__})") from None
+        raise ValueError(f"{flag} {path}: not a readable checkpoint ({type(err).__name__})") from None
+    if isinstance(ckpt, dict) and "model" in ckpt and "backbone" not in ckpt and "optimizer" in ckpt:
+        raise ValueError(f"{flag} {path}: train.py's resume state (last.pt); pass a stage checkpoint: "
+                         "model_s1_best.pt, model_s2_best.pt or model_final_best_1pass.pt")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "backbone" not in ckpt:
-        raise ValueError(f"--weights {path}: expected a checkpoint written by train.py (a dict with 'model' and "
+        raise ValueError(f"{flag} {path}: expected a checkpoint written by train.py (a dict with 'model' and "
                          "'backbone')")
     model = UnifiedMultiTaskModel(ckpt["backbone"], pretrained=False)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as err:
         first = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
-        raise ValueError(f"--weights {path}: does not match UnifiedMultiTaskModel({ckpt['backbone']}): {first}") from None
+        raise ValueError(f"{flag} {path}: does not match UnifiedMultiTaskModel({ckpt['backbone']}): {first}") from None
     return model.to(device).use_channels_last().eval(), ckpt
 
 
@@ -93,7 +96,7 @@ def blend_with(model, ckpt, path, alpha, device):
     checkpoint (`ckpt`, already in `model`) with the earlier checkpoint at `path`; returns `ckpt`
     marked with the blend, without its own task's baseline (the unblended model's score; train.py
     makes a kept blend's own score the baseline)."""
-    earlier_model, earlier = load_model(path, device)
+    earlier_model, earlier = load_model(path, device, flag="--blend_with")
     stages = earlier.get("stage"), ckpt.get("stage")  # joint.py's checkpoints have stage "joint"
     if earlier["backbone"] != ckpt["backbone"] or not all(isinstance(s, int) for s in stages) or stages[0] >= stages[1]:
         raise ValueError(f"--blend_with {path}: expected train.py stage checkpoints, this one of an earlier stage "
@@ -157,7 +160,7 @@ def print_table(report, tasks):
     print(f"backbone {report['backbone']}, {describe_sizes(report['img_sizes'])}, weights {report['weights']}, "
           f"{report['split']} images")
     if report.get("blend") is not None:
-        print(f"weights: blended {report['blend']:g} with the previous stage's (train.py --blend_steps, "
+        print(f"weights: blended {report['blend']:g} with an earlier stage's (train.py --blend_steps, "
               "eval.py --blend_with)")
     details = report["details"]
     print(f"{'task':<5} {'metric':<7} {'baseline':>9} {'final':>8} {'drop %':>8}  result")

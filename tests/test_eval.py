@@ -125,39 +125,50 @@ def test_missing_weights_is_a_one_line_error(demo_root, tmp_path):
     assert result.stderr.strip().count("\n") == 0 and "nope.pt" in result.stderr
 
 
+def exit_message(*argv):
+    """eval.py's error, in process: (the SystemExit's code: a message or 2 for argparse)."""
+    with pytest.raises(SystemExit) as exit_info:
+        eval_script.main([str(arg) for arg in argv])
+    return exit_info.value.code
+
+
+def assert_one_line_error(code, *names):
+    assert isinstance(code, str) and code.startswith("error: ") and "\n" not in code, code
+    assert all(str(name) in code for name in names), code
+
+
 def test_a_checkpoint_that_does_not_match_the_model_is_a_one_line_error(trained, demo_root, tmp_path):
     ckpt = torch.load(trained / "model_final_best_1pass.pt", weights_only=False)
     ckpt["model"]["seg_head.weight"] = torch.zeros(5, 256, 1, 1)
     torch.save(ckpt, tmp_path / "bad.pt")
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
     for name in ("bad.pt", "garbage.pt"):
-        result = run_cli("--weights", str(tmp_path / name), "--data_root", str(demo_root))
-        assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
-        assert result.stderr.strip().count("\n") == 0 and name in result.stderr
+        assert_one_line_error(exit_message("--weights", tmp_path / name, "--data_root", demo_root), name)
+    # train.py's resume state is not a stage checkpoint: the message says which files are
+    code = exit_message("--weights", trained / "last.pt", "--data_root", demo_root)
+    assert_one_line_error(code, "last.pt", "resume state", "model_final_best_1pass.pt")
 
 
-def test_unknown_task_and_bad_data_root_are_errors(trained, tmp_path):
-    result = run_cli("--weights", str(trained / "model_final_best_1pass.pt"), "--tasks", "seg,depth")
-    assert result.returncode == 2 and "--tasks" in result.stderr
-    result = run_cli("--weights", str(trained / "model_final_best_1pass.pt"), "--data_root", str(tmp_path))
-    assert result.returncode != 0 and "Traceback" not in result.stderr and str(tmp_path) in result.stderr
+def test_unknown_task_and_bad_data_root_are_errors(trained, tmp_path, capsys):
+    assert exit_message("--weights", trained / "model_final_best_1pass.pt", "--tasks", "seg,depth") == 2
+    assert "--tasks" in capsys.readouterr().err
+    code = exit_message("--weights", trained / "model_final_best_1pass.pt", "--data_root", tmp_path)
+    assert_one_line_error(code, tmp_path)
 
 
-def test_blend_flags_are_checked(trained, demo_root, tmp_path):
-    final, s2 = str(trained / "model_final_best_1pass.pt"), str(trained / "model_s2_best.pt")
+def test_blend_flags_are_checked(trained, demo_root, tmp_path, capsys):
+    final, s2 = trained / "model_final_best_1pass.pt", trained / "model_s2_best.pt"
     for flags in (["--blend_with", s2], ["--blend", "0.5"], ["--blend_with", s2, "--blend", "1.5"]):
-        result = run_cli("--weights", final, "--data_root", str(demo_root), *flags)
-        assert result.returncode == 2 and "--blend_with CKPT and --blend ALPHA" in result.stderr
+        assert exit_message("--weights", final, "--data_root", demo_root, *flags) == 2
+        assert "--blend_with CKPT and --blend ALPHA" in capsys.readouterr().err
     # a later stage's checkpoint is not an earlier one to blend toward
-    result = run_cli("--weights", s2, "--blend_with", final, "--blend", "0.5", "--data_root", str(demo_root))
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert result.stderr.strip().count("\n") == 0 and "--blend_with" in result.stderr
-    # nor is a joint.py checkpoint (its stage is "joint")
-    joint_ckpt = {**torch.load(s2, weights_only=False), "stage": "joint"}
-    torch.save(joint_ckpt, tmp_path / "joint.pt")
-    result = run_cli("--weights", final, "--blend_with", str(tmp_path / "joint.pt"), "--blend", "0.5",
-                     "--data_root", str(demo_root))
-    assert result.returncode != 0 and "Traceback" not in result.stderr and "--blend_with" in result.stderr
+    code = exit_message("--weights", s2, "--blend_with", final, "--blend", "0.5", "--data_root", demo_root)
+    assert_one_line_error(code, "--blend_with")
+    # nor is a joint.py checkpoint (its stage is "joint"); a missing one is named by its own flag
+    torch.save({**torch.load(s2, weights_only=False), "stage": "joint"}, tmp_path / "joint.pt")
+    for path in (tmp_path / "joint.pt", tmp_path / "missing.pt"):
+        code = exit_message("--weights", final, "--blend_with", path, "--blend", "0.5", "--data_root", demo_root)
+        assert_one_line_error(code, f"--blend_with {path}")
 
 
 def test_blend_1_is_the_checkpoint_and_blend_0_the_earlier_one_but_the_new_head(trained, demo_root):
