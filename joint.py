@@ -84,7 +84,7 @@ def main(argv=None):
     try:
         device = pick_device(args.device)
         train.set_seed(args.seed)
-        data = train.load_data(args)
+        data = train.load_data(args, tasks=args.tasks)  # only the listed tasks' folders are needed
         model = train.build_model(args, device)
     except (DataError, PretrainedWeightsError, ValueError) as err:
         sys.exit(f"error: {err}")

@@ -771,13 +771,13 @@ def build_train_set(task, args, cache=True):
     return build_dataset(task, args.data_root, "train", args.img_sizes[task], cache=cache, augment=augment, **mosaic)
 
 
-def load_data(args, cache=True):
-    """Train and val sets of every task and class names; `cache`: decode and resize every image
+def load_data(args, cache=True, tasks=TASKS):
+    """Train and val sets of `tasks` and their class names; `cache`: decode and resize every image
     once and keep it in memory (train.py's --baseline_mode decodes on every access instead)."""
-    data = {"train": {task: build_train_set(task, args, cache) for task in TASKS},
+    data = {"train": {task: build_train_set(task, args, cache) for task in tasks},
             "val": {task: build_dataset(task, args.data_root, "val", args.img_sizes[task], cache=cache)
-                    for task in TASKS}}
-    data["class_names"] = {task: data["val"][task].class_names for task in TASKS}
+                    for task in tasks}}
+    data["class_names"] = {task: data["val"][task].class_names for task in tasks}
     return data
 
 

@@ -1,5 +1,6 @@
 """joint.py (the joint-training reference) and train.py's refusal to overwrite an earlier run."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -80,6 +81,10 @@ def test_joint_run_writes_a_checkpoint_eval_scores_the_same(demo_root, tmp_path,
         str(tmp_path / "plots" / "joint_metrics.png")]
     ckpt = torch.load(tmp_path / joint.CHECKPOINT_NAME, weights_only=False)
     assert ckpt["baselines"] == {} and ckpt["stage"] == "joint"
+    train.set_seed(0)  # joint.main builds its model right after the same call: every head has learned
+    fresh = UnifiedMultiTaskModel("efficientnet_lite0", pretrained=False).state_dict()
+    for head in ("seg_head", "det_head", "cls_head"):
+        assert not all(torch.equal(ckpt["model"][k], fresh[k]) for k in fresh if k.startswith(head)), head
     kept = max(records, key=lambda r: r["mean_score"])
     assert ckpt["epoch"] == kept["epoch"]
     report = eval_script.main(["--weights", str(tmp_path / joint.CHECKPOINT_NAME), "--data_root", str(demo_root),
@@ -103,7 +108,9 @@ def test_train_refuses_to_overwrite_an_earlier_run(demo_root, tmp_path):
 
 
 def test_single_task_reference_trains_only_that_task(demo_root, tmp_path):
-    joint.main(["--data_root", str(demo_root), "--out_dir", str(tmp_path), *JOINT_TINY, "--epochs", "1",
+    detection_only = tmp_path / "data"  # the other tasks' folders are not needed
+    shutil.copytree(demo_root / "mini_coco_det", detection_only / "mini_coco_det")
+    joint.main(["--data_root", str(detection_only), "--out_dir", str(tmp_path), *JOINT_TINY, "--epochs", "1",
                 "--tasks", "det"])
     record = json.loads((tmp_path / "joint_log.jsonl").read_text())
     assert record["tasks"] == ["det"] and "mAP_50" in record and "mIoU" not in record and "top1" not in record
