@@ -2,7 +2,8 @@
 
     demo_root        session-wide demo dataset (demo_data.make_demo, 8 train / 4 val)
     broken_copy      a fresh copy of the demo data under tmp_path, for a test to damage
-    real_data_root   ../shared/DL_data (or $ONEHEAD_REAL_DATA); skips the test when absent
+    real_data_root   $ONEHEAD_REAL_DATA, else DL_data/ in the clone, else ../shared/DL_data;
+                     skips the test when none holds the data
 """
 import os
 import shutil
@@ -17,12 +18,17 @@ if str(REPO) not in sys.path:
 
 import demo_data  # noqa: E402
 
-REAL_DATA = Path(os.environ.get("ONEHEAD_REAL_DATA") or Path(__file__).resolve().parents[2] / "shared" / "DL_data")
 REAL_TASK_DIRS = ("imagenette-160", "mini_coco_det", "mini_voc_seg")
 
 
-def real_data_available(root: Path = REAL_DATA) -> bool:
+def real_data_available(root: Path) -> bool:
     return all((root / d).is_dir() for d in REAL_TASK_DIRS)
+
+
+# $ONEHEAD_REAL_DATA, else the clone's own DL_data/ when it holds the data, else ../shared/DL_data
+REAL_DATA = Path(os.environ.get("ONEHEAD_REAL_DATA") or
+                 next((root for root in (REPO / "DL_data", REPO.parent / "shared" / "DL_data")
+                       if real_data_available(root)), REPO.parent / "shared" / "DL_data"))
 
 
 @pytest.fixture(scope="session")
@@ -41,6 +47,6 @@ def broken_copy(demo_root, tmp_path):
 
 @pytest.fixture(scope="session")
 def real_data_root():
-    if not real_data_available():
+    if not real_data_available(REAL_DATA):
         pytest.skip(f"real data not found at {REAL_DATA} (set ONEHEAD_REAL_DATA to point at DL_data)")
     return REAL_DATA

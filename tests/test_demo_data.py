@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import demo_data
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import demo_data  # noqa: E402
 
 SPARSE_CATS = {1: 'person', 3: 'car', 16: 'bird', 31: 'handbag', 44: 'bottle',
                47: 'cup', 51: 'bowl', 62: 'chair', 63: 'couch', 67: 'dining table'}

@@ -70,16 +70,18 @@ def test_rerank_agrees_with_the_epochs_a_real_run_kept(demo_root, tmp_path):
 def test_bad_logs_are_one_line_errors(tmp_path, capsys):
     joint_log = tmp_path / "joint_log.jsonl"
     joint_log.write_text(json.dumps({"task": "joint", "epoch": 1, "tasks": ["seg"], "mIoU": 0.3}) + "\n")
+    stage3 = str(stage3_log(tmp_path))
     for argv, expected in ([str(tmp_path / "missing.jsonl")], "log file not found"), \
                           ([str(joint_log)], "a joint.py log has no stages"), \
-                          ([str(stage3_log(tmp_path)), "--stage", "2"], "no stage 2 epochs"):
+                          ([stage3, "--stage", "2"], "no stage 2 epochs"):
         with pytest.raises(SystemExit) as err:
             log_report.main(argv)
         assert err.value.code == 2
         message = capsys.readouterr().err.strip()
         assert expected in message and "\n" not in message
-    with pytest.raises(SystemExit):
-        log_report.main([str(joint_log), "--last", "0"])
+    with pytest.raises(SystemExit) as err:
+        log_report.main([stage3, "--last", "0"])
+    assert err.value.code == 2 and "--last" in capsys.readouterr().err
 
 
 def test_names_the_detection_classes_behind_its_drops(tmp_path, capsys):

@@ -7,14 +7,11 @@ fails a test instead of passing quietly.
 
 import contextlib
 import io
-import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from metrics import ClassificationMetric, DetectionMetric, SegmentationMetric  # noqa: E402
+from metrics import ClassificationMetric, DetectionMetric, SegmentationMetric
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -1,12 +1,10 @@
 """plot_log.py on small synthetic training logs (no training needed)."""
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import plot_log  # noqa: E402
+import plot_log
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 STAGE_PNGS = ["stage1_segmentation_metrics.png", "stage2_detection_metrics.png",

@@ -1,15 +1,11 @@
 """visualize.save_visualizations on the tiny demo data with an untrained model (CPU, a few seconds)."""
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from datasets import build_dataset  # noqa: E402
-from demo_data import make_demo  # noqa: E402
-from models import UnifiedMultiTaskModel  # noqa: E402
-from visualize import save_visualizations  # noqa: E402
+from datasets import build_dataset
+from demo_data import make_demo
+from models import UnifiedMultiTaskModel
+from visualize import save_visualizations
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
