@@ -372,7 +372,10 @@ def main(argv=None):
     if args.make_demo:
         from demo_data import make_demo
 
-        print(f"demo dataset written to {make_demo(args.make_demo)}")
+        try:
+            print(f"demo dataset written to {make_demo(args.make_demo)}")
+        except FileExistsError as err:
+            sys.exit(f"error: {err}")
         return
     try:
         for task in TASKS:

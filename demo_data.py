@@ -10,6 +10,8 @@ classes (so each class has at least one); detection and segmentation max(n, 2).
 """
 import argparse
 import json
+import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -162,9 +164,23 @@ def make_segmentation(root, counts, rng):
         (base / 'ImageSets' / 'Segmentation' / f'{split}.txt').write_text('\n'.join(ids) + '\n')
 
 
+TASK_DIRS = ('imagenette-160', 'mini_coco_det', 'mini_voc_seg')
+MARKER = '.onehead_demo'  # written beside the data: this folder holds generated data only
+
+
 def make_demo(root, n_train=12, n_val=6, seed=0):
-    """Write the three demo datasets under root (overwriting same-named files); return root."""
+    """Write the three demo datasets under root; return root. A folder demo data was written to
+    before is rewritten from scratch (no image of an earlier, larger set stays behind); one that
+    holds dataset folders without the marker, real data perhaps, is refused (FileExistsError)."""
     root = Path(root)
+    if any((root / d).exists() for d in TASK_DIRS):
+        if not (root / MARKER).exists():
+            raise FileExistsError(f'{root}: holds dataset folders that demo_data.py did not write; '
+                                  'expected an empty or new folder')
+        for d in TASK_DIRS:
+            shutil.rmtree(root / d, ignore_errors=True)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / MARKER).write_text('written by demo_data.make_demo\n')
     counts = {'train': n_train, 'val': n_val}
     # One generator per task, so changing one task's code leaves the others' data unchanged.
     for task, make in enumerate([make_classification, make_detection, make_segmentation]):
@@ -179,5 +195,8 @@ if __name__ == '__main__':
     parser.add_argument('--n_val', type=int, default=6)
     parser.add_argument('--seed', type=int, default=0)
     args = parser.parse_args()
-    out = make_demo(args.root, args.n_train, args.n_val, args.seed)
+    try:
+        out = make_demo(args.root, args.n_train, args.n_val, args.seed)
+    except FileExistsError as err:
+        sys.exit(f'error: {err}')
     print(f'demo data written to {out.resolve()}')

@@ -129,3 +129,15 @@ def test_command_line(tmp_path):
                          capture_output=True, text=True, check=True).stdout
     assert str((tmp_path / 'd').resolve()) in out
     assert len(voc_ids(tmp_path / 'd', 'val')) == 2
+
+
+def test_rewriting_a_demo_folder_starts_from_scratch_and_real_data_is_refused(tmp_path):
+    root = demo_data.make_demo(tmp_path / 'd', n_train=12, n_val=2)
+    demo_data.make_demo(root, n_train=10, n_val=2)  # fewer images: none of the first set stays
+    assert len(list((root / 'imagenette-160' / 'train').rglob('*.JPEG'))) == 10
+    real = tmp_path / 'real'
+    (real / 'mini_voc_seg').mkdir(parents=True)
+    (real / 'mini_voc_seg' / 'kept.txt').write_text('a real file')
+    with pytest.raises(FileExistsError, match='did not write'):
+        demo_data.make_demo(real)
+    assert (real / 'mini_voc_seg' / 'kept.txt').read_text() == 'a real file'
