@@ -2,6 +2,7 @@
 
     demo_root        session-wide demo dataset (demo_data.make_demo, 8 train / 4 val)
     broken_copy      a fresh copy of the demo data under tmp_path, for a test to damage
+    tiny_run         one tiny train.py run of all three stages (tiny.py's settings), read-only
     real_data_root   $ONEHEAD_REAL_DATA, else DL_data/ in the clone, else ../shared/DL_data;
                      skips the test when none holds the data
 """
@@ -43,6 +44,16 @@ def broken_copy(demo_root, tmp_path):
     root = tmp_path / "data"
     shutil.copytree(demo_root, root)
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_run(demo_root, tmp_path_factory):
+    """One tiny run of all three stages (tiny.TINY, two detection epochs): (out_dir, baselines),
+    shared by the tests that only read its outputs."""
+    from tiny import run_train
+
+    out_dir = tmp_path_factory.mktemp("run")
+    return out_dir, run_train(demo_root, out_dir, "--epochs_det", "2")
 
 
 @pytest.fixture(scope="session")

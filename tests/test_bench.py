@@ -1,14 +1,27 @@
 """bench.py runs end to end (tiny settings on the demo data) and ends with the speedup line."""
+from pathlib import Path
+
 import pytest
 
 import bench
 import train
 
 
-def test_bench_prints_a_table_and_the_speedup_last(demo_root, capsys):
+def test_bench_prints_a_table_and_the_speedup_last(demo_root, capsys, monkeypatch):
+    pipelines = []  # --pipeline's two train.py runs: their flags and their folders, not the training itself
+
+    def fake_train_main(argv):
+        pipelines.append((argv, Path(argv[argv.index("--out_dir") + 1])))
+        assert pipelines[-1][1].is_dir()
+
+    monkeypatch.setattr(train, "main", fake_train_main)
     bench.main(["--data_root", str(demo_root), "--device", "cpu", "--img_size", "64", "--batch_size", "4",
                 "--replay_batch_size", "2", "--steps", "1", "--stages", "2,3", "--modes", "baseline,default",
                 "--pipeline"])
+    assert [argv[-1] for argv, _ in pipelines] == ["--baseline_mode", "1"]  # the default adds no flag
+    for argv, out_dir in pipelines:
+        assert " ".join(argv).count("--img_size 64") == 1 and "--batch_size 4 --replay_batch_size 2" in " ".join(argv)
+        assert not out_dir.exists(), "the temporary run is removed"
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("device cpu")
     assert sum(line.split()[:2] in (["2", "baseline"], ["2", "default"], ["3", "baseline"], ["3", "default"])

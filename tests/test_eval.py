@@ -10,19 +10,13 @@ import torch
 import eval as eval_script
 import plot_log
 import summarize
-import train
 from datasets import build_dataset
 from metrics import evaluate
 
-REPO_ARGS = ["--backbone", "efficientnet_lite0", "--no-pretrained", "--img_size", "64", "--batch_size", "4",
-             "--replay_batch_size", "2", "--epochs_seg", "1", "--epochs_det", "1", "--epochs_cls", "1"]
-
-
-@pytest.fixture(scope="module")
-def trained(demo_root, tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("trained")
-    train.main(["--data_root", str(demo_root), "--out_dir", str(out_dir), *REPO_ARGS])
-    return out_dir
+@pytest.fixture
+def trained(tiny_run):
+    """The folder of the session's tiny train.py run (conftest.tiny_run); tests only read it."""
+    return tiny_run[0]
 
 
 def test_eval_json_has_every_key_and_uses_checkpoint_baselines(trained, demo_root, tmp_path, capsys):

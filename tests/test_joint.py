@@ -11,7 +11,7 @@ import plot_log
 import train
 from datasets import TASKS
 from models import UnifiedMultiTaskModel
-from test_train import TINY, run_train
+from tiny import TINY, run_train
 
 # train.py's tiny settings without the replay batch size, which is not a joint.py flag
 _replay_flag = TINY.index("--replay_batch_size")

@@ -6,6 +6,7 @@ import torch
 
 import log_report
 import train
+from tiny import run_train
 
 
 def record(stage, epoch, own, best, **earlier):
@@ -57,9 +58,7 @@ def test_rerank_follows_train_selection_rule(tmp_path):
 def test_rerank_agrees_with_the_epochs_a_real_run_kept(demo_root, tmp_path):
     """A tiny three-stage run: re-ranking its log with its own --select_window gives the epoch of
     every checkpoint it wrote."""
-    train.main(["--data_root", str(demo_root), "--out_dir", str(tmp_path), "--backbone", "efficientnet_lite0",
-                "--no-pretrained", "--img_size", "64", "--batch_size", "4", "--replay_batch_size", "2",
-                "--epochs_seg", "3", "--epochs_det", "3", "--epochs_cls", "1", "--select_window", "2"])
+    run_train(demo_root, tmp_path, "--epochs_seg", "3", "--epochs_det", "3", "--select_window", "2")
     by_stage = log_report.stage_records(tmp_path / "training_log.jsonl")
     for stage, name in train.CHECKPOINT_NAMES.items():
         kept = torch.load(tmp_path / name, map_location="cpu", weights_only=False)["epoch"]

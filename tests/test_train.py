@@ -16,21 +16,7 @@ import train
 from datasets import build_dataset, classification_batch_mixing
 from losses import distillation_loss, kl_with_temperature, soft_dice_loss, task_loss
 from models import UnifiedMultiTaskModel
-
-TINY = ["--backbone", "efficientnet_lite0", "--no-pretrained", "--img_size", "64", "--batch_size", "4",
-        "--replay_batch_size", "2", "--epochs_seg", "1", "--epochs_det", "1", "--epochs_cls", "1"]
-
-
-def run_train(demo_root, out_dir, *extra):
-    return train.main(["--data_root", str(demo_root), "--out_dir", str(out_dir), *TINY, *extra])
-
-
-@pytest.fixture(scope="module")
-def tiny_run(demo_root, tmp_path_factory):
-    """One tiny run of all three stages, shared by the tests that only read its outputs."""
-    out_dir = tmp_path_factory.mktemp("run")
-    baselines = run_train(demo_root, out_dir, "--epochs_det", "2")
-    return out_dir, baselines
+from tiny import TINY, run_train
 
 
 def test_end_to_end_writes_every_output(tiny_run):
