@@ -570,6 +570,15 @@ def test_cosine_schedule_restarts_in_every_stage(demo_root, tmp_path):
     assert [r["lr"] for r in records if r["task"] == "cls"] == [pytest.approx(1e-3)]
 
 
+@pytest.fixture(scope="module")
+def interrupted_run(demo_root, tmp_path_factory):
+    """A run stopped after its first epoch (last.pt written), for tests that resume a copy of it."""
+    out_dir = tmp_path_factory.mktemp("interrupted")
+    with pytest.raises(SystemExit):
+        run_train(demo_root, out_dir, "--stop_after_epochs", "1")
+    return out_dir
+
+
 @pytest.mark.parametrize("flag, value, saved", [("--lr_schedule", "cosine", "plateau"), ("--ema_decay", "0.9", "0.95"),
                                                ("--distill_seg_new_images", "2", "4 1"),
                                                ("--distill_backbone_probe", "0", "1"), ("--blend_steps", "0", "20"),
@@ -577,11 +586,10 @@ def test_cosine_schedule_restarts_in_every_stage(demo_root, tmp_path):
                                                 f"3 shared_late {train.LR_FACTORS[3]['shared_late']:g}"),
                                                ("--lr_det", "1e-3", "0.003"), ("--seed", "1", "0"),
                                                ("--det_scale_jitter", "0.8,1.2", "0.5,1.5")])
-def test_resume_with_another_recipe_flag_is_a_clear_error(demo_root, tmp_path, flag, value, saved):
-    with pytest.raises(SystemExit):
-        run_train(demo_root, tmp_path, "--stop_after_epochs", "1")
+def test_resume_with_another_recipe_flag_is_a_clear_error(interrupted_run, demo_root, tmp_path, flag, value, saved):
+    shutil.copytree(interrupted_run, tmp_path / "run")
     with pytest.raises(SystemExit) as exit_info:
-        run_train(demo_root, tmp_path, "--resume", flag, *value.split())
+        run_train(demo_root, tmp_path / "run", "--resume", flag, *value.split())
     assert f"{flag} {saved}" in str(exit_info.value)
 
 
@@ -593,31 +601,29 @@ def test_resume_error_writes_the_saved_flag_as_it_is_typed():
     assert train.as_flag("lr_det", 0.003) == "with --lr_det 0.003" and train.as_flag("seed", 2) == "with --seed 2"
 
 
-def test_resume_may_run_a_stage_longer_and_move_the_data(demo_root, tmp_path):
-    with pytest.raises(SystemExit):
-        run_train(demo_root, tmp_path, "--stop_after_epochs", "1")
+def test_resume_may_run_a_stage_longer_and_move_the_data(interrupted_run, demo_root, tmp_path):
+    run = shutil.copytree(interrupted_run, tmp_path / "run")
     moved = tmp_path / "moved_data"
     shutil.copytree(demo_root, moved)
-    train.main(["--data_root", str(moved), "--out_dir", str(tmp_path), *TINY, "--resume", "--epochs_cls", "2"])
-    records = [json.loads(line) for line in (tmp_path / "training_log.jsonl").read_text().splitlines()]
+    train.main(["--data_root", str(moved), "--out_dir", str(run), *TINY, "--resume", "--epochs_cls", "2"])
+    records = [json.loads(line) for line in (run / "training_log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records if r["task"] == "cls"] == [1, 2]
 
 
-def test_resume_of_a_run_saved_before_the_backbone_split_keeps_its_recipe(demo_root, tmp_path):
+def test_resume_of_a_run_saved_before_the_backbone_split_keeps_its_recipe(interrupted_run, demo_root, tmp_path):
     # Runs before session 26 saved one "backbone" factor (0 in stage 3, where the default now
     # lets the stride-32 blocks learn): resuming one reads it as both parts and stops at the change.
-    with pytest.raises(SystemExit):
-        run_train(demo_root, tmp_path, "--stop_after_epochs", "1")
-    state = torch.load(tmp_path / "last.pt", weights_only=False)
+    run = shutil.copytree(interrupted_run, tmp_path / "run")
+    state = torch.load(run / "last.pt", weights_only=False)
     for table in state["args"]["lr_factors"].values():
         table["backbone"] = table.pop("backbone_early")
         del table["backbone_late"]
     state["args"]["lr_factors"][3]["backbone"] = 0.0
-    torch.save(state, tmp_path / "last.pt")
+    torch.save(state, run / "last.pt")
     with pytest.raises(SystemExit) as exit_info:
-        run_train(demo_root, tmp_path, "--resume")
+        run_train(demo_root, run, "--resume")
     assert "--lr_factor 3 backbone_late 0" in str(exit_info.value)
-    run_train(demo_root, tmp_path, "--resume", "--lr_factor", "3", "backbone", "0")  # the old recipe goes on
+    run_train(demo_root, run, "--resume", "--lr_factor", "3", "backbone", "0")  # the old recipe goes on
 
 
 def test_weight_average_is_an_exponential_moving_average_of_the_weights():
