@@ -175,8 +175,8 @@ def make_demo(root, n_train=12, n_val=6, seed=0):
     root = Path(root)
     if any((root / d).exists() for d in TASK_DIRS):
         if not (root / MARKER).exists():
-            raise FileExistsError(f'{root}: holds dataset folders that demo_data.py did not write; '
-                                  'expected an empty or new folder')
+            raise FileExistsError(f'{root}: holds dataset folders but no {MARKER} file (demo_data.py writes '
+                                  'one; folders from before session 42 lack it): expected an empty or new folder')
         for d in TASK_DIRS:
             shutil.rmtree(root / d, ignore_errors=True)
     root.mkdir(parents=True, exist_ok=True)

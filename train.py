@@ -456,6 +456,8 @@ class NonFiniteLossError(RuntimeError):
 
 def setup_logging(out_dir):
     logger = logging.getLogger("train")
+    for handler in logger.handlers:  # an earlier run in this process (tests, bench.py --pipeline)
+        handler.close()
     logger.handlers.clear()
     logger.setLevel(logging.INFO)
     logger.propagate = False
@@ -793,8 +795,10 @@ def check_imagenet_backbone_probe(args, cls_train_set):
         raise ValueError(f"--backbone_probe imagenet: {err} in {cls_train_set.root}") from None
 
 
-def build_model(args, device, channels_last=True):
-    model = UnifiedMultiTaskModel(args.backbone, pretrained=args.pretrained).to(device)
+def build_model(args, device, channels_last=True, imagenet_weights=True):
+    """imagenet_weights=False: the weights will come from a checkpoint, so --pretrained's file is
+    not read (an offline B0 run can resume)."""
+    model = UnifiedMultiTaskModel(args.backbone, pretrained=args.pretrained and imagenet_weights).to(device)
     return model.use_channels_last() if channels_last else model
 
 
@@ -812,22 +816,23 @@ def main(argv=None):
         refuse_to_overwrite(out_dir, ["training_log.jsonl", "last.pt", *CHECKPOINT_NAMES.values()],
                             "continue it with --resume or choose another --out_dir")
     out_dir.mkdir(parents=True, exist_ok=True)
-    if args.demo:  # after the overwrite check: a refused run touches nothing of the earlier one
-        args.data_root = write_demo_data(out_dir)
     log = setup_logging(out_dir)
     try:
+        if args.demo:  # after the overwrite check: a refused run touches nothing of the earlier one
+            args.data_root = write_demo_data(out_dir)
         device = pick_device(args.device)
         set_seed(args.seed)
         data = load_data(args, cache=not args.baseline_mode)
         if args.backbone_probe == "imagenet" and args.distill_backbone_probe > 0:
             check_imagenet_backbone_probe(args, data["train"]["cls"])  # now, not after two stages
-        model = build_model(args, device, channels_last=not args.baseline_mode)
+        model = build_model(args, device, channels_last=not args.baseline_mode,
+                            imagenet_weights=not (args.resume or args.start_from))
         state = {"baselines": {}}
         if args.resume:
             state = resume_state(out_dir, model, args)
         elif args.start_from:
             state = start_from_checkpoint(Path(args.start_from), out_dir, model, args)
-    except (DataError, PretrainedWeightsError, ValueError) as err:
+    except (DataError, PretrainedWeightsError, ValueError, FileExistsError) as err:
         sys.exit(f"error: {err}")
     log.info(f"backbone {args.backbone} (pretrained={args.pretrained}), {describe_sizes(args.img_sizes)}, device {device}, "
              f"trainable_params {count_trainable_parameters(model)}")
@@ -854,6 +859,9 @@ def start_from_checkpoint(path, out_dir, model, args):
     if not path.is_file():
         raise ValueError(f"--start_from {path}: file not found")
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict) or "backbone" not in ckpt:  # last.pt has no backbone entry
+        raise ValueError(f"--start_from {path}: not a stage checkpoint (last.pt is resume state: continue "
+                         f"its run with --resume); expected {CHECKPOINT_NAMES[1]} or {CHECKPOINT_NAMES[2]}")
     if ckpt.get("stage") not in CHECKPOINT_NAMES or ckpt["stage"] == len(STAGES):
         raise ValueError(f"--start_from {path}: holds stage {ckpt.get('stage')!r}, expected the checkpoint of "
                          f"a stage before the last ({', '.join(CHECKPOINT_NAMES[s] for s, _ in STAGES[:-1])})")

@@ -138,6 +138,6 @@ def test_rewriting_a_demo_folder_starts_from_scratch_and_real_data_is_refused(tm
     real = tmp_path / 'real'
     (real / 'mini_voc_seg').mkdir(parents=True)
     (real / 'mini_voc_seg' / 'kept.txt').write_text('a real file')
-    with pytest.raises(FileExistsError, match='did not write'):
+    with pytest.raises(FileExistsError, match='no .onehead_demo file'):
         demo_data.make_demo(real)
     assert (real / 'mini_voc_seg' / 'kept.txt').read_text() == 'a real file'

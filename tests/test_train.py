@@ -375,9 +375,9 @@ def test_resume_after_an_interruption_gives_the_same_outputs(demo_root, tmp_path
         assert torch.equal(tensor, b["model"][name]), name
 
 
-def test_resume_inside_stage_1_keeps_the_first_runs_no_pretrained(demo_root, tmp_path):
+def test_resume_inside_stage_1_keeps_the_first_runs_no_pretrained(demo_root, tmp_path, monkeypatch):
     # A --no-pretrained backbone learns its BatchNorm statistics in stage 1; a resume that omits
-    # the flag (allowed: the weights come from last.pt) must go on doing so.
+    # the flag (allowed: the weights come from last.pt, so no ImageNet file is read) must go on doing so.
     flags = ["--epochs_seg", "2"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     with pytest.raises(SystemExit):
@@ -385,7 +385,12 @@ def test_resume_inside_stage_1_keeps_the_first_runs_no_pretrained(demo_root, tmp
     with pytest.raises(SystemExit):
         run_train(demo_root, resumed, *flags, "--stop_after_epochs", "1")
     without_flag = [arg for arg in TINY if arg != "--no-pretrained"]
-    with pytest.raises(SystemExit):
+
+    def no_weights_file():
+        raise models.PretrainedWeightsError("the test: a resume must not need the ImageNet file")
+
+    monkeypatch.setattr(models, "load_lite0_imagenet_state_dict", no_weights_file)
+    with pytest.raises(SystemExit, match="stopped after 1 epochs"):
         train.main(["--data_root", str(demo_root), "--out_dir", str(resumed), *without_flag, *flags,
                     "--resume", "--stop_after_epochs", "1"])
     a = torch.load(straight / "last.pt", weights_only=False)["model"]
@@ -405,6 +410,13 @@ def test_demo_writes_its_data_beside_the_run_and_never_over_an_earlier_one(tmp_p
     with pytest.raises(SystemExit) as exit_info:
         train.main(["--demo", "--out_dir", str(out_dir)])
     assert "already holds a run" in str(exit_info.value) and not image.exists(), "nothing rewritten"
+
+
+def test_demo_into_a_folder_with_other_data_is_a_one_line_error(tmp_path):
+    (tmp_path / "demo_data" / "mini_voc_seg").mkdir(parents=True)  # not written by demo_data.py
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--demo", "--out_dir", str(tmp_path)])
+    assert str(exit_info.value).startswith("error: ") and ".onehead_demo" in str(exit_info.value)
 
 
 def test_resume_without_a_previous_run_is_a_clear_error(demo_root, tmp_path, capsys):
@@ -528,14 +540,15 @@ def test_each_task_trains_and_validates_at_its_own_size(tiny_run, demo_root, tmp
     assert "--start_from" in str(exit_info.value) and "img_size 64" in str(exit_info.value)
 
 
-def test_start_from_a_final_or_joint_checkpoint_is_a_clear_error(tiny_run, demo_root, tmp_path):
+def test_start_from_a_final_joint_or_resume_checkpoint_is_a_clear_error(tiny_run, demo_root, tmp_path):
     joint = tmp_path / "joint.pt"
-    torch.save({"stage": "joint", "model": {}}, joint)
-    for path, stage in ((tiny_run[0] / "model_final_best_1pass.pt", "3"), (joint, "'joint'")):
+    torch.save({"stage": "joint", "model": {}, "backbone": "efficientnet_lite0"}, joint)
+    for path, expected in ((tiny_run[0] / "model_final_best_1pass.pt", "holds stage 3"),
+                           (joint, "holds stage 'joint'"), (tiny_run[0] / "last.pt", "--resume")):
         with pytest.raises(SystemExit) as exit_info:
             run_train(demo_root, tmp_path / "run", "--start_from", str(path))
         message = str(exit_info.value)
-        assert f"--start_from {path}: holds stage {stage}" in message and "model_s2_best.pt" in message
+        assert f"--start_from {path}: " in message and expected in message and "model_s2_best.pt" in message
 
 
 def test_lr_factor_overrides_one_entry_of_one_stage():
