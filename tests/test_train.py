@@ -452,7 +452,7 @@ def test_only_baseline_mode_turns_off_the_image_cache_and_channels_last(script, 
         asked["cache"] = cache
         return {}
 
-    def build_model(args, device, channels_last=True):
+    def build_model(args, device, channels_last=True, imagenet_weights=True):
         asked["channels_last"] = channels_last
         raise ValueError("stopped by the test")  # both scripts turn it into a one-line exit
 
