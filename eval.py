@@ -18,12 +18,11 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 from datasets import TASKS, DataError, build_dataset
 from metrics import MAX_DROP_PERCENT, PRIMARY_METRIC, drop_percent, evaluate
 from models import UnifiedMultiTaskModel, input_size, pick_device
-from train import STAGES, HelpWithDefaults, blend_toward_teacher, checkpoint_img_sizes, describe_sizes
+from train import (STAGES, HelpWithDefaults, blend_toward_teacher, checkpoint_img_sizes, describe_sizes,
+                   read_checkpoint)
 
 BASELINE_FLAGS = {"seg": "base_miou", "det": "base_map", "cls": "base_top1"}
 
@@ -69,19 +68,7 @@ def parse_args(argv=None):
 
 def load_model(path, device, flag="--weights"):
     """(model, checkpoint dict) or a one-line error naming the file (and the flag that gave it)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{flag} {path}: file not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise ValueError(f"{flag} {path}: not a readable checkpoint ({type(err).__name__})") from None
-    if isinstance(ckpt, dict) and "model" in ckpt and "backbone" not in ckpt and "optimizer" in ckpt:
-        raise ValueError(f"{flag} {path}: train.py's resume state (last.pt); pass a stage checkpoint: "
-                         "model_s1_best.pt, model_s2_best.pt or model_final_best_1pass.pt")
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "backbone" not in ckpt:
-        raise ValueError(f"{flag} {path}: expected a checkpoint written by train.py (a dict with 'model' and "
-                         "'backbone')")
+    ckpt = read_checkpoint(path, flag)
     model = UnifiedMultiTaskModel(ckpt["backbone"], pretrained=False)
     try:
         model.load_state_dict(ckpt["model"])

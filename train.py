@@ -385,9 +385,9 @@ def set_train_mode(model, primary, learned, imagenet_statistics=True):
     the backbone's from the start when they are ImageNet's (a --no-pretrained backbone,
     imagenet_statistics=False, learns its own in stage 1), every shared layer once stage 1 is over."""
     model.train()
-    frozen = [model.backbone] if imagenet_statistics else []
+    frozen = [model.backbone] if imagenet_statistics or learned else []
     if learned:
-        frozen = [model.backbone, model.neck, model.shared_conv1, model.shared_conv2, model.shared_conv3]
+        frozen += [model.neck, model.shared_conv1, model.shared_conv2, model.shared_conv3]
         frozen += [getattr(model, f"{t}_head") for t in TASKS if t != primary]
     for module in frozen:
         for m in module.modules():
@@ -426,6 +426,26 @@ def checkpoint_dict(model, args, class_names, baselines, stage, epoch, metrics):
     return {"model": model.state_dict(), "backbone": args.backbone, "img_sizes": dict(args.img_sizes),
             "class_names": class_names, "baselines": dict(baselines), "stage": stage, "epoch": epoch,
             "metrics": metrics, "args": vars(args)}
+
+
+def read_checkpoint(path, flag):
+    """The dict of a checkpoint train.py or joint.py wrote, or a one-line ValueError naming the flag
+    that gave the file: missing, unreadable, last.pt (resume state, not a stage checkpoint), other."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{flag} {path}: file not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise ValueError(f"{flag} {path}: not a readable checkpoint ({type(err).__name__})") from None
+    if isinstance(ckpt, dict) and "model" in ckpt and "backbone" not in ckpt and "optimizer" in ckpt:
+        raise ValueError(f"{flag} {path}: train.py's resume state (last.pt), not a stage checkpoint: continue "
+                         "its run with --resume, or pass a stage checkpoint: model_s1_best.pt, model_s2_best.pt "
+                         "or model_final_best_1pass.pt")
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "backbone" not in ckpt:
+        raise ValueError(f"{flag} {path}: expected a checkpoint written by train.py (a dict with 'model' and "
+                         "'backbone')")
+    return ckpt
 
 
 def checkpoint_img_sizes(ckpt):
@@ -784,8 +804,8 @@ def load_data(args, cache=True, tasks=TASKS):
 
 
 def check_imagenet_backbone_probe(args, cls_train_set):
-    """--backbone_probe imagenet needs ImageNet weights in the backbone and ImageNet classes (the
-    weights themselves are read when stage 3 starts; build_model has read them once by then)."""
+    """--backbone_probe imagenet needs ImageNet weights in the backbone and ImageNet classes; checked
+    at startup without reading the weights file, which stage 3 reads for the classifier."""
     if not args.pretrained:
         raise ValueError("--backbone_probe imagenet: the ImageNet classifier needs the pretrained backbone; "
                          "drop --no-pretrained or pass --backbone_probe fitted")
@@ -856,12 +876,7 @@ def main(argv=None):
 def start_from_checkpoint(path, out_dir, model, args):
     """Skip the stages a stage checkpoint already holds: its weights become the model (and the
     next stage's teacher), its baselines carry over."""
-    if not path.is_file():
-        raise ValueError(f"--start_from {path}: file not found")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict) or "backbone" not in ckpt:  # last.pt has no backbone entry
-        raise ValueError(f"--start_from {path}: not a stage checkpoint (last.pt is resume state: continue "
-                         f"its run with --resume); expected {CHECKPOINT_NAMES[1]} or {CHECKPOINT_NAMES[2]}")
+    ckpt = read_checkpoint(path, "--start_from")
     if ckpt.get("stage") not in CHECKPOINT_NAMES or ckpt["stage"] == len(STAGES):
         raise ValueError(f"--start_from {path}: holds stage {ckpt.get('stage')!r}, expected the checkpoint of "
                          f"a stage before the last ({', '.join(CHECKPOINT_NAMES[s] for s, _ in STAGES[:-1])})")

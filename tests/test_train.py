@@ -549,6 +549,10 @@ def test_start_from_a_final_joint_or_resume_checkpoint_is_a_clear_error(tiny_run
             run_train(demo_root, tmp_path / "run", "--start_from", str(path))
         message = str(exit_info.value)
         assert f"--start_from {path}: " in message and expected in message and "model_s2_best.pt" in message
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")  # read as eval.py reads --weights
+    with pytest.raises(SystemExit) as exit_info:
+        run_train(demo_root, tmp_path / "run", "--start_from", str(tmp_path / "garbage.pt"))
+    assert f"--start_from {tmp_path / 'garbage.pt'}: not a readable checkpoint" in str(exit_info.value)
 
 
 def test_lr_factor_overrides_one_entry_of_one_stage():
