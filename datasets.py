@@ -237,7 +237,7 @@ class COCODetection(TaskDataset):
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise DataError(f"{ann_file}: not a COCO instances json ({type(err).__name__}: {err})") from None
         for kind, entries, keys in (("image", images, ("id", "file_name", "height", "width")),
-                                    ("annotation", annotations, ("image_id", "category_id", "bbox"))):
+                                    ("annotation", annotations, ("image_id", "category_id", "bbox", "area"))):
             for entry in entries:
                 missing = [k for k in keys if k not in entry]
                 if missing:
@@ -273,7 +273,8 @@ class COCODetection(TaskDataset):
         return image, target, i
 
     def boxes_of(self, i):
-        """Original-pixel xyxy boxes, contiguous labels and crowd flags of image i."""
+        """Original-pixel xyxy boxes, contiguous labels and crowd flags of image i (for training;
+        eval_target adds COCO's areas)."""
         anns = self.anns[self.images[i]["id"]]
         xywh = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
         boxes = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)
@@ -296,8 +297,11 @@ class COCODetection(TaskDataset):
         return {**target, "boxes": boxes}
 
     def eval_target(self, i):
+        # COCO sorts objects into small / medium / large by the json's "area" (the object's
+        # mask area), not by its box: pass it on so the size ranges match COCOeval's.
         boxes, labels, iscrowd = self.boxes_of(i)
-        return {"boxes": boxes, "labels": labels, "iscrowd": iscrowd}
+        area = torch.tensor([a["area"] for a in self.anns[self.images[i]["id"]]], dtype=torch.float32)
+        return {"boxes": boxes, "labels": labels, "iscrowd": iscrowd, "area": area}
 
     def original_size(self, i):
         return self.images[i]["height"], self.images[i]["width"]

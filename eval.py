@@ -113,6 +113,7 @@ def main(argv=None):
 
     report = {"metrics": {}, "baselines": {}, "drops": {}, "met": {}, "backbone": ckpt["backbone"],
               "img_sizes": {t: img_sizes[t] for t in args.tasks}, "weights": str(args.weights), "split": args.split, "details": {},
+              "trained_img_sizes": {t: checkpoint_img_sizes(ckpt)[t] for t in args.tasks},
               "class_names": ckpt.get("class_names", {}), "blend": ckpt.get("blend")}
     for task in args.tasks:
         scores = evaluate(model, datasets[task], task, batch_size=args.batch_size, bootstrap=args.bootstrap)
@@ -146,6 +147,9 @@ def named_scores(pairs):
 def print_table(report, tasks):
     print(f"backbone {report['backbone']}, {describe_sizes(report['img_sizes'])}, weights {report['weights']}, "
           f"{report['split']} images")
+    if report["baselines"] and report["img_sizes"] != report["trained_img_sizes"]:
+        print(f"note: the baselines were measured at the training sizes "
+              f"({describe_sizes(report['trained_img_sizes'])}), not at these")
     if report.get("blend") is not None:
         print(f"weights: blended {report['blend']:g} with an earlier stage's (train.py --blend_steps, "
               "eval.py --blend_with)")
@@ -173,7 +177,7 @@ def print_table(report, tasks):
         print(f"det   AP50 per class (- = no ground truth): {shown}")
         by_size = named_scores(details["recall50_class_agnostic_by_size"].items())
         print(f"det   class-agnostic (every box counted as one class): AP50 {details['AP50_class_agnostic']:.4f}, "
-              f"recall@0.5 {details['recall50_class_agnostic']:.4f} (by COCO box size: {by_size})")
+              f"recall@0.5 {details['recall50_class_agnostic']:.4f} (by COCO size range: {by_size})")
 
 
 if __name__ == "__main__":

@@ -132,7 +132,8 @@ class DetectionMetric:
 
     def update(self, preds, targets):
         """preds: list of dict(boxes (K,4) xyxy pixels, scores (K,), labels (K,) in 0..num_classes-1).
-        targets: list of dict(boxes (M,4) xyxy, labels (M,), optional iscrowd (M,) 0/1)."""
+        targets: list of dict(boxes (M,4) xyxy, labels (M,), optional iscrowd (M,) 0/1, optional
+        area (M,): COCO's object area, which sets the size ranges; without it, the box's area)."""
         if len(preds) != len(targets):
             raise ValueError(f"got {len(preds)} predictions for {len(targets)} targets")
         cpu_preds, cpu_targets = [], []
@@ -154,6 +155,8 @@ class DetectionMetric:
                 "labels": labels,
                 "iscrowd": iscrowd,
             })
+            if "area" in t:
+                cpu_targets[-1]["area"] = t["area"].detach().to("cpu", torch.float32).reshape(-1)
             for name, lab in (("prediction", cpu_preds[-1]["labels"]), ("target", labels)):
                 if lab.numel() and (lab.min() < 0 or lab.max() >= self.num_classes):
                     raise ValueError(f"{name} labels must be in [0, {self.num_classes - 1}], "
@@ -187,8 +190,9 @@ class DetectionMetric:
             boxes_only = self._boxes_only.compute()
             scores.update(AP50_class_agnostic=float(boxes_only["map_50"]),
                           recall50_class_agnostic=float(boxes_only["mar_100"]))
-            # The same recall per COCO size range (box area in original pixels: small < 32^2,
-            # medium < 96^2, large beyond); None where the range has no ground truth.
+            # The same recall per COCO size range (the targets' area, else the box's, in original
+            # pixels: small < 32^2, medium < 96^2, large beyond); None where the range has no
+            # ground truth.
             scores["recall50_class_agnostic_by_size"] = {
                 size: (float(boxes_only[f"mar_{size}"]) if boxes_only[f"mar_{size}"] >= 0 else None)
                 for size in ("small", "medium", "large")}

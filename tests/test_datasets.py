@@ -213,6 +213,16 @@ def test_crowd_boxes_are_returned_with_iscrowd(demo_root):
         assert ds.eval_target(i)["iscrowd"][k] == 1
 
 
+def test_eval_targets_carry_the_jsons_object_areas(demo_root):
+    """COCO's size ranges (small / medium / large) use each annotation's area, not its box."""
+    coco = json.loads(coco_json(demo_root).read_text())
+    ds = build_dataset("det", demo_root, "train", img_size=S)
+    for i, img in enumerate(ds.images):
+        areas = [a["area"] for a in coco["annotations"] if a["image_id"] == img["id"]]
+        assert ds.eval_target(i)["area"].tolist() == pytest.approx(areas)
+    assert any(a["area"] < a["bbox"][2] * a["bbox"][3] for a in coco["annotations"])  # not the boxes' areas
+
+
 # ----------------------------------------------------------------------------- flips
 FLIP = v2.RandomHorizontalFlip(p=1.0)
 
@@ -543,7 +553,7 @@ def test_json_without_coco_keys(broken_copy):
 
 
 @pytest.mark.parametrize("entry,field", [("images", "file_name"), ("images", "id"), ("images", "height"),
-                                         ("annotations", "bbox")])
+                                         ("annotations", "bbox"), ("annotations", "area")])
 def test_coco_entry_missing_field(broken_copy, entry, field):
     path = coco_json(broken_copy)
     coco = json.loads(path.read_text())

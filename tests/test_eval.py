@@ -50,6 +50,15 @@ def test_baseline_flags_override_and_drop_formula(trained, demo_root, tmp_path):
     assert set(report["metrics"]) == {"top1"}
 
 
+def test_img_size_other_than_the_training_sizes_is_said_beside_the_drops(trained, demo_root, capsys):
+    weights = ["--weights", str(trained / "model_final_best_1pass.pt"), "--data_root", str(demo_root), "--tasks", "cls"]
+    report = eval_script.main(weights + ["--img_size", "96"])
+    assert report["img_sizes"] == {"cls": 96} and report["trained_img_sizes"] == {"cls": 64}
+    assert "baselines were measured at the training sizes (img_size 64), not at these" in capsys.readouterr().out
+    eval_script.main(weights + ["--img_size", "64"])  # the training size: nothing to say
+    assert "baselines were measured" not in capsys.readouterr().out
+
+
 def test_bootstrap_flag_prints_an_interval_per_score(trained, demo_root, capsys):
     report = eval_script.main(["--weights", str(trained / "model_final_best_1pass.pt"), "--data_root",
                                str(demo_root), "--tasks", "seg,cls", "--bootstrap", "20"])

@@ -210,6 +210,17 @@ def test_det_class_agnostic_recall_by_coco_size_range():
     assert r["recall50_class_agnostic_by_size"] == {"small": 1.0, "medium": None, "large": None}
 
 
+def test_det_size_ranges_follow_the_targets_coco_area_over_the_box():
+    # COCO puts an object in a size range by its annotation's area (its mask), not its box: a
+    # 60 x 60 box (medium by its box) whose object covers 900 px is a small object.
+    box = [0.0, 0.0, 60.0, 60.0]
+    target = {**T([box], [0]), "area": torch.tensor([900.0])}
+    r = det([P([box], [0.9], [0])], [target])
+    assert r["recall50_class_agnostic_by_size"] == {"small": 1.0, "medium": None, "large": None}
+    r = det([P([box], [0.9], [0])], [T([box], [0])])  # no area given: the box's
+    assert r["recall50_class_agnostic_by_size"] == {"small": None, "medium": 1.0, "large": None}
+
+
 def test_det_hand_computed_ap():
     # Two GT boxes of class 0; detections by score: TP (0.9), FP (0.8), TP (0.7).
     # (precision, recall) = (1, 1/2), (1/2, 1/2), (2/3, 1). Interpolated precision is
