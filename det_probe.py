@@ -44,7 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--fresh", action="store_true", help="re-initialise the layers that learn instead of "
                                                         "starting from the checkpoint's weights")
     p.add_argument("--views", type=int, default=4, help="augmented copies of each training image")
-    p.add_argument("--epochs", type=int, default=60, help="passes over the 240 training images (one view each)")
+    p.add_argument("--epochs", type=int, default=60, help="passes over the training images (one view each)")
     p.add_argument("--eval_every", type=int, default=10, help="epochs between two val (and train-view) scores")
     p.add_argument("--batch_size", type=int, default=32, help="cached views per step")
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (train.py's --lr_det)")
@@ -152,14 +152,14 @@ def main(argv=None):
                 det = detector_above(model, args.layer, x)
             batch_targets = [{k: v.to(device) for k, v in targets[i].items()} for i in batch.tolist()]
             loss, parts = detection_loss(det.float(), batch_targets)
+            if not math.isfinite(loss.item()):  # before the step applies it
+                sys.exit(f"error: non-finite detection loss at epoch {epoch}; try a lower --lr")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             for name, value in parts.items():
                 sums[name] = sums.get(name, 0.0) + value.item()
             steps += 1
-        if not math.isfinite(loss.item()):
-            sys.exit(f"error: non-finite detection loss at epoch {epoch}; try a lower --lr")
         if epoch % args.eval_every and epoch != args.epochs:
             continue
         model.eval()

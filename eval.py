@@ -63,6 +63,10 @@ def parse_args(argv=None):
         p.error("--blend_with CKPT and --blend ALPHA go together, ALPHA in [0, 1]")
     if args.bootstrap < 0:
         p.error(f"--bootstrap must be 0 (off) or a number of resamples, got {args.bootstrap}")
+    if args.num_vis < 1:
+        p.error(f"--num_vis must be at least 1, got {args.num_vis}")
+    if args.save_vis and Path(args.save_vis).exists() and not Path(args.save_vis).is_dir():
+        p.error(f"--save_vis {args.save_vis}: a file; expected a folder for the pictures")
     return args
 
 

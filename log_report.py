@@ -28,12 +28,13 @@ from pathlib import Path
 import torch
 
 from metrics import PRIMARY_METRIC, drop_percent
-from plot_log import LogError, group_by_stage, is_joint, kept_record, load_log
+from plot_log import LogError, epoch_records, group_by_stage, is_joint, kept_record, load_log, unfinished
 from train import CHECKPOINT_NAMES, HelpWithDefaults, selection_key, within_max_drop
 
 
 def stage_records(path):
-    """{stage: its epoch records in order}; refuses a joint.py log (no stages, no baselines)."""
+    """{stage: its records in order (epochs, and a kept blend's line)}; refuses a joint.py log
+    (no stages, no baselines)."""
     records = load_log(path)
     if is_joint(records[0]):
         raise LogError(f"{path}: a joint.py log has no stages; expected train.py's training_log.jsonl")
@@ -73,12 +74,25 @@ def mean_scores(recs):
     return "; ".join(f"{metric} {sum(r[metric] for r in recs) / len(recs):.4f}" for metric in metrics)
 
 
+def kept_cell(recs):
+    """'27', '12, blend 0.65' (a kept blend of epoch 12), '2 (2 of 30 run)' (an unfinished stage)."""
+    kept, flagged = kept_record(recs)
+    cell = str(kept["epoch"]) if flagged else "none flagged"
+    if "kept_blend" in kept:
+        cell += f", blend {kept['kept_blend']:g}"
+    if unfinished(recs):
+        epochs = epoch_records(recs)
+        cell += f" ({len(epochs)} of {epochs[-1]['epochs']} run)"
+    return cell
+
+
 def report_rows(name, by_stage, last, window=None):
     rows = []
-    for stage, recs in sorted(by_stage.items()):
-        kept, flagged = kept_record(recs)
+    for stage, stage_recs in sorted(by_stage.items()):
+        kept, _ = kept_record(stage_recs)
+        recs = epoch_records(stage_recs)
         tail = recs[-last:]
-        row = [name, str(stage), str(kept["epoch"]) if flagged else "none flagged", scores_at(kept)]
+        row = [name, str(stage), kept_cell(stage_recs), scores_at(kept)]
         if window:
             row.append(str(rerank(recs, window)))
         if stage > 1:
@@ -101,7 +115,7 @@ def detection_drop_classes(recs, most=3):
     mAP gap)], largest share first, up to `most` and no further than 80% of the gap (a share
     passes 100% when other classes moved the other way); [] when the stage has no epochs of
     one of the two kinds, or no per-class APs (a stage before detection's baseline)."""
-    recs = [rec for rec in recs if "mAP_50" in rec["baselines"] and rec.get("AP50_per_class")]
+    recs = [rec for rec in epoch_records(recs) if "mAP_50" in rec["baselines"] and rec.get("AP50_per_class")]
     lost = [rec for rec in recs if lost_detection(rec)]
     held = [rec for rec in recs if not lost_detection(rec)]
     if not lost or not held:
@@ -144,7 +158,7 @@ def detection_drop_lines(name, by_stage, log_path):
     names = detection_class_names(log_path) if found else None
     lines = []
     for stage, rows in found.items():
-        lost = sum(map(lost_detection, by_stage[stage]))
+        lost = sum(map(lost_detection, epoch_records(by_stage[stage])))
         parts = [f"{names[c] if names else f'class {c}'} {held:.3f} -> {lost_ap:.3f} ({share:.0%} of the gap)"
                  for c, held, lost_ap, share in rows]
         lines.append(f"{name}, stage {stage}: detection AP@0.5 per class, mean of the epochs that held it -> "
@@ -168,13 +182,14 @@ def main(argv=None):
     if args.select_window:
         header.append(f"kept with --select_window {args.select_window}")
     header += ["epochs within 5%", f"of the last {args.last}", f"mean of the last {args.last} epochs"]
-    rows, class_lines = [], []
+    rows, class_lines, left_out = [], [], []
     for path in args.logs:
         try:
             by_stage = stage_records(path)
             if args.stage:
-                if args.stage not in by_stage:
-                    raise LogError(f"{path}: no stage {args.stage} epochs in this log")
+                if args.stage not in by_stage:  # e.g. a run stopped before it, among finished ones
+                    left_out.append(path)
+                    continue
                 by_stage = {args.stage: by_stage[args.stage]}
             name = Path(path).parent.name or path
             rows += report_rows(name, by_stage, args.last, args.select_window)
@@ -183,6 +198,11 @@ def main(argv=None):
             print(f"log_report.py: error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
 
+    if not rows:
+        print(f"log_report.py: error: no log has stage {args.stage} epochs", file=sys.stderr)
+        raise SystemExit(2)
+    for path in left_out:
+        print(f"log_report.py: {path}: no stage {args.stage} epochs, left out", file=sys.stderr)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     if class_lines:

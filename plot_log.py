@@ -6,19 +6,25 @@
 
 The log has one JSON object per finished epoch (see train.py), for example
 
-    {"stage": 1, "task": "seg", "epoch": 3, "epochs": 30, "lr": 0.001,
-     "losses": {"total": 1.23, "seg": 1.1}, "mIoU": 0.31,
-     "baselines": {"mIoU": 0.33}, "best": true, "time_s": 12.3}
+    {"stage": 2, "task": "det", "epoch": 3, "epochs": 30, "lr": 0.003,
+     "losses": {"total": 1.23, "det": 1.1, "distill_seg": 0.13}, "mAP_50": 0.031, "mIoU": 0.52,
+     "baselines": {"mIoU": 0.54}, "best": true, "time_s": 12.3}
+
+"baselines" holds the earlier tasks' (none in stage 1); "best" marks an epoch that replaced
+the stage's kept checkpoint, so the kept epoch is the last one marked. A stage that kept a
+blend with the previous stage's weights instead (train.py --blend_steps) has one more line,
+the blend's scores with "kept_blend": its share of the stage's weights.
 
 Writes, for the stages present in the log:
   stage1_segmentation_metrics.png, stage2_detection_metrics.png,
   stage3_classification_metrics.png  losses, validation metric of every task seen
                                       so far (earlier tasks' baselines dashed, their
-                                      5% drop lines dotted) and lr, per epoch; the kept
-                                      ("best") epoch is marked
+                                      5% drop lines dotted) and lr (of the stage's
+                                      own head), per epoch; the kept epoch is marked
   forgetting_summary.png              each task's score at the kept checkpoint of every
                                       stage against its baseline and 5% drop line
-A resumed run may repeat a (stage, epoch): the later line wins.
+A resumed run may repeat a (stage, epoch): the later line wins. A stage the log does not hold
+to its last epoch (stopped, or still running) is marked unfinished.
 
 joint.py's log ("task": "joint", no stage) gives joint_metrics.png instead: losses, the
 validation metric of every task trained together and lr, per epoch, with the kept epoch
@@ -41,17 +47,20 @@ STAGES = {1: ("seg", "Segmentation", "mIoU"),
           2: ("det", "Detection", "mAP_50"),
           3: ("cls", "Classification", "top1")}
 EXTRA_METRICS = {"mIoU": ["mIoU_fg"]}  # auxiliary curves drawn on a task's panel
+EXTRA_LABELS = {"mIoU_fg": "mIoU_fg (foreground classes only)"}
 COLORS = {"mIoU": "tab:blue", "mAP_50": "tab:orange", "top1": "tab:green"}
 MAX_DROP = 0.05  # a task may lose at most 5% (relative) of its baseline
 
 
 class LogError(ValueError):
-    """The log file is missing, empty or malformed (message names file and line)."""
+    """The log file is missing, empty or malformed, or the figures' folder cannot be made (the
+    message names the file and line, or the flag)."""
 
 
 def load_log(path):
-    """Read training_log.jsonl (or joint_log.jsonl) -> list of epoch records sorted by
-    (stage, epoch); a joint log's records have no stage and are sorted by epoch.
+    """Read training_log.jsonl (or joint_log.jsonl) -> list of records sorted by (stage, epoch),
+    a stage's kept blend (if any) right after the epoch it blended; a joint log's records have
+    no stage and are sorted by epoch.
 
     When a (stage, epoch) appears more than once (a resumed run), the later line wins.
     Raises LogError for a missing/empty file, a line that is not a JSON object with
@@ -61,24 +70,28 @@ def load_log(path):
         raise LogError(f"{path}: log file not found")
     records = {}
     with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LogError(f"{where}: not valid JSON ({e.msg})") from None
-            joint = isinstance(rec, dict) and is_joint(rec)
-            if not isinstance(rec, dict) or not (joint or "stage" in rec):
-                raise LogError(f'{where}: expected a JSON object with a "stage" key (or "task": "joint")')
-            if not joint and rec["stage"] not in STAGES:
-                raise LogError(f"{where}: unknown stage {rec['stage']!r} (expected 1, 2 or 3)")
-            if not isinstance(rec.get("epoch"), int):
-                raise LogError(f'{where}: expected an integer "epoch"')
-            if records and is_joint(next(iter(records.values()))) != joint:
-                raise LogError(f"{where}: mixes joint.py and train.py records; expected one run's log")
-            records[(rec.get("stage", 0), rec["epoch"])] = rec
+        try:
+            lines = f.readlines()
+        except UnicodeDecodeError:
+            raise LogError(f"{path}: not a text file; expected a JSON-lines log such as training_log.jsonl") from None
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {lineno}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LogError(f"{where}: not valid JSON ({e.msg})") from None
+        joint = isinstance(rec, dict) and is_joint(rec)
+        if not isinstance(rec, dict) or not (joint or "stage" in rec):
+            raise LogError(f'{where}: expected a JSON object with a "stage" key (or "task": "joint")')
+        if not joint and rec["stage"] not in STAGES:
+            raise LogError(f"{where}: unknown stage {rec['stage']!r} (expected 1, 2 or 3)")
+        if not isinstance(rec.get("epoch"), int):
+            raise LogError(f'{where}: expected an integer "epoch"')
+        if records and is_joint(next(iter(records.values()))) != joint:
+            raise LogError(f"{where}: mixes joint.py and train.py records; expected one run's log")
+        records[(rec.get("stage", 0), rec["epoch"], "kept_blend" in rec)] = rec
     if not records:
         raise LogError(f"{path}: log is empty")
     return [records[k] for k in sorted(records)]
@@ -102,10 +115,35 @@ def value(rec, key):
     return float(v) if isinstance(v, (int, float)) else math.nan
 
 
+def epoch_records(recs):
+    """A stage's records without its kept blend's line: one per epoch."""
+    return [r for r in recs if "kept_blend" not in r]
+
+
 def kept_record(recs):
-    """The stage's kept checkpoint: the last epoch flagged best, else the last epoch."""
+    """(record, flagged) of the stage's kept checkpoint: its kept blend, else the last epoch
+    flagged best, else (flagged False) the last epoch."""
+    blends = [r for r in recs if "kept_blend" in r]
     best = [r for r in recs if r.get("best")]
-    return (best or recs)[-1], bool(best)
+    return (blends or best or recs)[-1], bool(blends or best)
+
+
+def kept_label(recs):
+    """'kept epoch 27', 'kept epoch 12 blended 0.65 with the previous stage', with ', unfinished
+    (5 of 30 epochs)' for a stage the log does not hold to its last epoch."""
+    kept, flagged = kept_record(recs)
+    label = f"kept epoch {kept['epoch']}" + ("" if flagged else " (last; none flagged best)")
+    if "kept_blend" in kept:
+        label += f" blended {kept['kept_blend']:g} with the previous stage"
+    if unfinished(recs):
+        label += f", unfinished ({len(epoch_records(recs))} of {epoch_records(recs)[-1]['epochs']} epochs)"
+    return label
+
+
+def unfinished(recs):
+    """Whether the log stops before the stage's last epoch (a stopped or running stage)."""
+    last = epoch_records(recs)[-1]
+    return isinstance(last.get("epochs"), int) and last["epoch"] < last["epochs"]
 
 
 def plot_stage(stage, recs, path):
@@ -120,15 +158,19 @@ def plot_stage(stage, recs, path):
 
 def plot_joint(recs, path):
     """A joint.py run: its losses, the metric of every task it trains, lr; no baselines."""
-    tasks = recs[-1].get("tasks") or []
+    # joint.py logs before 2026-11-25 do not name their tasks: those whose metric they hold
+    tasks = recs[-1].get("tasks") or [task for task, _, metric in STAGES.values() if any(metric in r for r in recs)]
     metrics = [metric for task, _, metric in STAGES.values() if task in tasks]
     plot_epochs(recs, f"Joint training ({', '.join(tasks)})", metrics, {}, path)
 
 
 def plot_epochs(recs, title, metrics, baselines, path):
     """Losses, one panel per metric (with the baseline and 5% drop lines of those in
-    `baselines`) and lr (where the log has it), per epoch; the kept epoch is starred."""
-    kept, flagged = kept_record(recs)
+    `baselines`) and lr (where the log has it), per epoch; the kept epoch (or blend) is starred."""
+    kept, _ = kept_record(recs)
+    kept_name = f"kept (blend {kept['kept_blend']:g})" if "kept_blend" in kept else "kept"
+    title = f"{title}, {kept_label(recs)}"
+    recs = epoch_records(recs)
     epochs = [r["epoch"] for r in recs]
 
     lrs = [value(r, "lr") for r in recs]
@@ -136,8 +178,7 @@ def plot_epochs(recs, title, metrics, baselines, path):
     panels = 1 + len(metrics) + has_lr
     fig, axes = plt.subplots(panels, 1, sharex=True, figsize=(8, 2.4 * panels), squeeze=False)
     axes = axes[:, 0]
-    kept_label = f"kept epoch {kept['epoch']}" + ("" if flagged else " (last; none flagged best)")
-    fig.suptitle(f"{title}, {kept_label}")
+    fig.suptitle(title)
 
     # losses: every key in the log
     ax = axes[0]
@@ -146,7 +187,8 @@ def plot_epochs(recs, title, metrics, baselines, path):
     for k in loss_keys:
         ys = [value(r.get("losses") or {}, k) for r in recs]
         all_losses += [y for y in ys if not math.isnan(y)]
-        ax.plot(epochs, ys, marker=".", lw=2 if k == "total" else 1.2, label=k)
+        style = dict(color="black", ls="--", lw=1.5) if k == "total" else dict(lw=1.2)  # total: over a lone task loss
+        ax.plot(epochs, ys, marker=".", label=k, **style)
     if all_losses and min(all_losses) > 0 and max(all_losses) / min(all_losses) > 100:
         ax.set_yscale("log")
     ax.set_ylabel("loss")
@@ -160,9 +202,9 @@ def plot_epochs(recs, title, metrics, baselines, path):
         for extra in EXTRA_METRICS.get(m, []):
             if any(extra in r for r in recs):
                 ax.plot(epochs, [value(r, extra) for r in recs], ls="-.", lw=1,
-                        color=color, alpha=0.6, label=extra)
+                        color=color, alpha=0.6, label=EXTRA_LABELS.get(extra, extra))
         ax.plot([kept["epoch"]], [value(kept, m)], marker="*", ms=14, color="red",
-                ls="none", label=f"kept: {value(kept, m):.4g}")
+                ls="none", label=f"{kept_name}: {value(kept, m):.4g}")
         if m in baselines:
             b = baselines[m]
             ax.axhline(b, color=color, ls="--", lw=1, label=f"baseline {b:.4g}")
@@ -176,10 +218,10 @@ def plot_epochs(recs, title, metrics, baselines, path):
         ax.plot(epochs, lrs, marker=".", color="black")
         if all(lr > 0 for lr in lrs):  # also False when an lr is missing (NaN)
             ax.set_yscale("log")
-        ax.set_ylabel("lr")
+        ax.set_ylabel("lr (task head)")
     ax = axes[-1]
     ax.set_xlabel("epoch")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # whole epochs, even just one
 
     for ax in axes:
         ax.axvline(kept["epoch"], color="gray", ls="--", lw=0.8)
@@ -215,10 +257,12 @@ def plot_summary(by_stage, path):
             ok = y >= limit
             ax.plot(x, y, "o", ms=8, color="tab:green" if ok else "tab:red")
             drop = (base - y) / base * 100 if base else math.nan
-            ax.annotate(f"{y:.4g}\ndrop {drop:.1f}%", (x, y), textcoords="offset points",
+            ax.annotate(f"{y:.4g}\ndrop {drop:.2f}%", (x, y), textcoords="offset points",
                         xytext=(0, 9), ha="center", fontsize=8,
                         bbox=dict(fc="white", ec="none", alpha=0.8, pad=1))
-        ax.set_xticks(list(STAGES), [f"after stage {s}\n({STAGES[s][0]})" for s in STAGES])
+        ax.set_xticks(list(STAGES), [f"after stage {s}\n({STAGES[s][0]})"
+                                     + ("\nunfinished" if s in by_stage and unfinished(by_stage[s]) else "")
+                                     for s in STAGES])
         ax.set_xlim(0.5, 3.5)
         ax.margins(y=0.3)
         ax.set_title(f"{title} ({m})")
@@ -240,11 +284,13 @@ def main(argv=None):
 
     try:
         records = load_log(args.log)
+        try:
+            os.makedirs(args.out_dir, exist_ok=True)
+        except OSError as e:
+            raise LogError(f"--out_dir {args.out_dir}: {e.strerror}; expected a folder for the figures") from None
     except LogError as e:
         print(f"plot_log.py: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-
-    os.makedirs(args.out_dir, exist_ok=True)
     if is_joint(records[0]):
         path = os.path.join(args.out_dir, "joint_metrics.png")
         plot_joint(records, path)

@@ -26,9 +26,11 @@ def load_report(path):
     if not path.is_file():
         raise ValueError(f"{path}: file not found (expected a report written by eval.py --json)")
     try:
-        report = json.loads(path.read_text())
+        report = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err.msg})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text file (expected a report written by eval.py --json)") from None
     if not isinstance(report, dict):
         raise ValueError(f"{path}: not a report of eval.py --json (expected a JSON object)")
     missing = [key for key in ("metrics", "baselines", "drops", "met", *SAME_IN_EVERY_REPORT) if key not in report]

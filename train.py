@@ -16,7 +16,7 @@ and passed on is an exponential moving average of the weights (--ema_decay).
     python train.py --data_root DL_data --backbone efficientnet_lite0
 
 Outputs in --out_dir: model_s1_best.pt, model_s2_best.pt, model_final_best_1pass.pt,
-training_log_single_pass.txt (human), training_log.jsonl (one JSON object per epoch),
+training_log_single_pass.txt (human), training_log.jsonl (one JSON object per epoch, and one per kept blend),
 last.pt (for --resume).
 """
 import argparse
@@ -422,6 +422,13 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
+def append_log_record(out_dir, record):
+    """One line of training_log.jsonl: an epoch's record, or the blend a stage kept instead
+    (its "kept_blend" the share of the stage's weights, its "epoch" the epoch blended)."""
+    with open(Path(out_dir) / "training_log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 def checkpoint_dict(model, args, class_names, baselines, stage, epoch, metrics):
     return {"model": model.state_dict(), "backbone": args.backbone, "img_sizes": dict(args.img_sizes),
             "class_names": class_names, "baselines": dict(baselines), "stage": stage, "epoch": epoch,
@@ -748,8 +755,7 @@ def run_stage(stage, primary, model, data, state, args, device, log):
         record = {"stage": stage, "task": primary, "epoch": epoch, "epochs": epochs, "lr": lr,
                   "losses": losses, **metrics, "baselines": state["baselines"], "best": is_best,
                   "time_s": round(time.time() - started, 2)}
-        with open(out_dir / "training_log.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_log_record(out_dir, record)
         log.info(f"stage {stage} epoch {epoch}/{epochs} loss {losses['total']:.4f} {scores_line(metrics)}"
                  f"{' *best*' if is_best else ''} ({record['time_s']:.1f}s)")
         state.update(stage=stage, epoch=epoch, best_key=best_key, optimizer=optimizer.state_dict(),
@@ -772,6 +778,9 @@ def run_stage(stage, primary, model, data, state, args, device, log):
             best = {**checkpoint_dict(model, args, data["class_names"], baselines, stage, best["epoch"], metrics),
                     "blend": alpha}
             save_atomic(best, out_dir / CHECKPOINT_NAMES[stage])
+            # one more log line, so plot_log.py and log_report.py show what the stage kept
+            append_log_record(out_dir, {"stage": stage, "task": primary, "epoch": best["epoch"], "kept_blend": alpha,
+                                        **metrics, "baselines": state["baselines"]})
     state["baselines"] = best["baselines"]
     blended = f" blended {best['blend']:g} with stage {stage - 1}'s weights" if "blend" in best else ""
     log.info(f"stage {stage} done: kept epoch {best['epoch']}{blended}, baselines {best['baselines']}")

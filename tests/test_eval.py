@@ -70,6 +70,16 @@ def test_bootstrap_flag_prints_an_interval_per_score(trained, demo_root, capsys)
         eval_script.parse_args(["--weights", "w.pt", "--bootstrap", "-1"])
 
 
+def test_picture_flags_are_checked_before_anything_is_scored(tmp_path, capsys):
+    a_file = tmp_path / "afile"
+    a_file.write_text("")
+    for flags, expected in ((["--num_vis", "0"], "--num_vis must be at least 1"),
+                            (["--save_vis", str(a_file)], f"--save_vis {a_file}: a file")):
+        with pytest.raises(SystemExit) as exit_info:
+            eval_script.parse_args(["--weights", "w.pt", *flags])
+        assert exit_info.value.code == 2 and expected in capsys.readouterr().err
+
+
 def test_stage1_checkpoint_evaluates_seg_and_det_without_a_det_baseline(trained, demo_root):
     report = eval_script.main(["--weights", str(trained / "model_s1_best.pt"), "--data_root", str(demo_root),
                                "--tasks", "seg,det"])

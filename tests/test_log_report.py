@@ -25,7 +25,7 @@ def stage3_log(tmp_path):
     run = tmp_path / "seed0"
     run.mkdir()
     path = run / "training_log.jsonl"
-    lines = [record(1, 1, 0.50, True)]
+    lines = [{**record(1, 1, 0.50, True), "epochs": 1}]
     lines += [record(3, e, top1, e in (1, 2, 3), mIoU=miou, mAP_50=ap)
               for e, (top1, miou, ap) in enumerate(rows, 1)]
     path.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
@@ -72,7 +72,7 @@ def test_bad_logs_are_one_line_errors(tmp_path, capsys):
     stage3 = str(stage3_log(tmp_path))
     for argv, expected in ([str(tmp_path / "missing.jsonl")], "log file not found"), \
                           ([str(joint_log)], "a joint.py log has no stages"), \
-                          ([stage3, "--stage", "2"], "no stage 2 epochs"):
+                          ([stage3, "--stage", "2"], "no log has stage 2 epochs"):
         with pytest.raises(SystemExit) as err:
             log_report.main(argv)
         assert err.value.code == 2
@@ -81,6 +81,29 @@ def test_bad_logs_are_one_line_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as err:
         log_report.main([stage3, "--last", "0"])
     assert err.value.code == 2 and "--last" in capsys.readouterr().err
+
+
+def test_with_stage_a_log_without_that_stage_is_left_out_with_a_note(tmp_path, capsys):
+    with_stage3 = stage3_log(tmp_path)
+    stage1_only = tmp_path / "stopped" / "training_log.jsonl"
+    stage1_only.parent.mkdir()
+    stage1_only.write_text(json.dumps(record(1, 1, 0.5, True)) + "\n")
+    rows = log_report.main([str(stage1_only), str(with_stage3), "--stage", "3"])
+    assert [row[:2] for row in rows] == [["seed0", "3"]]
+    assert capsys.readouterr().err.strip() == f"log_report.py: {stage1_only}: no stage 3 epochs, left out"
+
+
+def test_the_kept_column_names_a_kept_blend_and_an_unfinished_stage(tmp_path):
+    recs = [record(3, e, 0.9, e == 2, mIoU=0.4, mAP_50=0.05) for e in (1, 2, 3)]  # of 6 epochs
+    blend = {"stage": 3, "task": "cls", "epoch": 2, "kept_blend": 0.65, "top1": 0.8, "mIoU": 0.49, "mAP_50": 0.098,
+             "baselines": recs[0]["baselines"]}
+    log = tmp_path / "run" / "training_log.jsonl"
+    log.parent.mkdir()
+    log.write_text("".join(json.dumps(r) + "\n" for r in recs + [blend]))
+    [row] = log_report.main([str(log), "--last", "6"])
+    assert row[2] == "2, blend 0.65 (3 of 6 run)"
+    assert row[3] == "top1 0.8000; mIoU 0.4900 (2.00); mAP_50 0.0980 (2.00)"  # the blend's scores
+    assert row[4:7] == ["0 of 3", "0 of 3", "top1 0.9000; mIoU 0.4000; mAP_50 0.0500"]  # the epochs' only
 
 
 def test_names_the_detection_classes_behind_its_drops(tmp_path, capsys):

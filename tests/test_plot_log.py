@@ -162,3 +162,71 @@ def test_missing_or_empty_log_exits_2(tmp_path, capsys, content):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert str(log) in err and len(err.strip().splitlines()) == 1
+
+
+def drawn_figures(monkeypatch):
+    """The figures plot_log draws, kept open for the test to read (it closes them after saving)."""
+    figures = []
+    monkeypatch.setattr(plot_log.plt, "close", figures.append)
+    return figures
+
+
+def test_a_kept_blend_is_the_stages_kept_point(tmp_path, monkeypatch):
+    records = three_stage_records()
+    blend = {"stage": 3, "task": "cls", "epoch": 2, "kept_blend": 0.65, "mIoU": 0.32, "mAP_50": 0.118, "top1": 0.80,
+             "baselines": records[-1]["baselines"]}
+    log = write_log(tmp_path / "log.jsonl", records + [blend])
+    by_stage = plot_log.group_by_stage(plot_log.load_log(log))
+    assert plot_log.kept_record(by_stage[3]) == (blend, True)
+    assert [r["epoch"] for r in plot_log.epoch_records(by_stage[3])] == [1, 2]  # the curves: epochs only
+    assert plot_log.kept_label(by_stage[3]).startswith("kept epoch 2 blended 0.65 with the previous stage")
+    figures = drawn_figures(monkeypatch)
+    plot_log.main(["--log", str(log), "--out_dir", str(tmp_path / "plots")])
+    stage3, summary = figures[2], figures[3]
+    assert "blended 0.65" in stage3._suptitle.get_text()
+    assert any(text.get_text() == "kept (blend 0.65): 0.8" for text in stage3.axes[3].get_legend().get_texts())
+    detection_after_stage3 = [t.get_text() for t in summary.axes[1].texts][-1]
+    assert detection_after_stage3 == "0.118\ndrop 1.67%"  # the blend's, not epoch 2's 0.10 (16.67%)
+
+
+def test_an_unfinished_stage_is_labelled_so(tmp_path, monkeypatch):
+    log = write_log(tmp_path / "log.jsonl", three_stage_records()[:5])  # stage 2: epoch 1 of 3
+    figures = drawn_figures(monkeypatch)
+    plot_log.main(["--log", str(log), "--out_dir", str(tmp_path / "plots")])
+    stage1, stage2, summary = figures
+    assert stage1._suptitle.get_text().endswith("kept epoch 2")  # 3 of 3 epochs
+    assert stage2._suptitle.get_text().endswith("kept epoch 1, unfinished (1 of 3 epochs)")
+    ticks = [t.get_text() for t in summary.axes[0].get_xticklabels()]
+    assert ticks[:2] == ["after stage 1\n(seg)", "after stage 2\n(det)\nunfinished"]
+    # one epoch still gets whole-number epoch ticks
+    assert all(tick == int(tick) for tick in stage2.axes[-1].get_xticks() if 0.5 <= tick <= 1.5)
+
+
+def test_summary_drops_are_labelled_to_two_decimals(tmp_path, monkeypatch):
+    records = three_stage_records()[:5]
+    records[-1]["mIoU"] = 0.33 * (1 - 0.0504)  # 5.04% under the baseline: not MET, must not read "5.0%"
+    figures = drawn_figures(monkeypatch)
+    plot_log.main(["--log", str(write_log(tmp_path / "log.jsonl", records)), "--out_dir", str(tmp_path / "plots")])
+    assert figures[-1].axes[0].texts[-1].get_text().endswith("drop 5.04%")
+
+
+def test_a_binary_file_or_an_out_dir_that_is_a_file_exits_2(tmp_path, capsys):
+    binary = tmp_path / "model_s1_best.pt"
+    binary.write_bytes(b"\x80\x02 a checkpoint")
+    a_file = tmp_path / "afile"
+    a_file.write_text("")
+    log = write_log(tmp_path / "log.jsonl", three_stage_records())
+    for argv, expected in ((["--log", str(binary)], f"{binary}: not a text file"),
+                           (["--log", str(log), "--out_dir", str(a_file)], f"--out_dir {a_file}:")):
+        with pytest.raises(SystemExit) as exc:
+            plot_log.main(argv)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and expected in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_joint_log_that_does_not_name_its_tasks_draws_the_metrics_it_holds(tmp_path, monkeypatch):
+    records = [{k: v for k, v in joint_record(e, True, ("det",)).items() if k != "tasks"} for e in (1, 2)]
+    drawn = []
+    monkeypatch.setattr(plot_log, "plot_epochs", lambda recs, title, metrics, baselines, path: drawn.append(metrics))
+    plot_log.main(["--log", str(write_log(tmp_path / "log.jsonl", records)), "--out_dir", str(tmp_path / "plots")])
+    assert drawn == [["mAP_50"]]

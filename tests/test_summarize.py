@@ -60,11 +60,14 @@ def test_reports_of_different_settings_are_refused(tmp_path, change, expected):
 
 @pytest.mark.parametrize("content, expected", [
     (None, "file not found"), ("{not json", "not valid JSON"), ("[1, 2]", "expected a JSON object"),
+    (b"\x80\x02 a checkpoint", "not a text file"),
     ('{"metrics": {}}', "missing baselines, drops, met, split, backbone, img_sizes"),
 ])
 def test_a_missing_or_malformed_report_is_a_one_line_error(tmp_path, content, expected):
     path = tmp_path / "report.json"
-    if content is not None:
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
         path.write_text(content)
     with pytest.raises(SystemExit) as exit_info:
         summarize.main([str(path)])

@@ -771,6 +771,11 @@ def test_a_stage_that_kept_no_epoch_within_5_percent_keeps_a_blend(tiny_run, dem
     expected = original_blend(epoch_weights, torch.load(s2, weights_only=False)["model"], 0.95, "cls")
     assert all(torch.allclose(final["model"][k].float(), expected[k].float()) for k in expected)
     assert "blended 0.95 with stage 2's weights" in (tmp_path / "training_log_single_pass.txt").read_text()
+    # the log's last line is the kept blend, with its scores: what plot_log.py and log_report.py show
+    kept_line = json.loads((tmp_path / "training_log.jsonl").read_text().splitlines()[-1])
+    assert kept_line["kept_blend"] == 0.95 and kept_line["epoch"] == final["epoch"]
+    assert kept_line["top1"] == final["baselines"]["top1"] == final["metrics"]["top1"]
+    assert kept_line["baselines"] == {k: v for k, v in final["baselines"].items() if k != "top1"}
     capsys.readouterr()
     report = eval_script.main(["--weights", str(tmp_path / "model_final_best_1pass.pt"), "--data_root",
                                str(demo_root), "--tasks", "cls"])
