@@ -40,10 +40,11 @@ import time
 import torch
 
 import train
-from datasets import TASKS, DataError, build_dataset
+from datasets import DataError, build_dataset
 from metrics import evaluate
 from models import PretrainedWeightsError, UnifiedMultiTaskModel, input_size, pick_device
 from replay import ReplayBank
+from tasks import STAGES, TASKS
 
 MODES = {  # name: (channels_last, cache, teacher_cache, backbone factor in stages 2-3 (None: train.py's), keep freed memory, amp)
     "baseline": (False, False, False, train.REFERENCE_BACKBONE_FACTOR, False, "off"),
@@ -95,8 +96,8 @@ def time_stage_epoch(stage, mode, args, device, data_cache):
     """(primary img/s of one epoch, one-time setup seconds, images per epoch) for a stage under a mode."""
     channels_last, cache, teacher_cache, backbone_factor, keep_memory, amp = MODES[mode]
     train.keep_freed_memory(keep_memory)
-    primary = train.STAGES[stage - 1][1]
-    learned = [task for _, task in train.STAGES[:stage - 1]]
+    primary = STAGES[stage - 1][1]
+    learned = [task for _, task in STAGES[:stage - 1]]
     setup = 0.0
     if cache not in data_cache:
         started = time.perf_counter()
@@ -189,7 +190,7 @@ def run_benchmark(args):
     epoch_seconds = {}
     data_cache = {}
     for stage in args.stages:
-        default_epochs = getattr(train.parse_args([]), f"epochs_{train.STAGES[stage - 1][1]}")
+        default_epochs = getattr(train.parse_args([]), f"epochs_{STAGES[stage - 1][1]}")
         for mode in args.modes:
             rate, setup, images = time_stage_epoch(stage, mode, args, device, data_cache)
             # One-time costs are paid once per stage: spread them over the stage's default epochs.

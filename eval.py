@@ -18,10 +18,11 @@ import json
 import sys
 from pathlib import Path
 
-from datasets import TASKS, DataError, build_dataset
-from metrics import MAX_DROP_PERCENT, PRIMARY_METRIC, drop_percent, evaluate
+from datasets import DataError, build_dataset
+from metrics import evaluate
 from models import UnifiedMultiTaskModel, input_size, pick_device
-from train import (STAGES, HelpWithDefaults, blend_toward_teacher, checkpoint_img_sizes, describe_sizes,
+from tasks import MAX_DROP_PERCENT, PRIMARY_METRIC, STAGES, TASKS, drop_percent
+from train import (HelpWithDefaults, blend_toward_teacher, checkpoint_img_sizes, describe_sizes,
                    read_checkpoint)
 
 BASELINE_FLAGS = {"seg": "base_miou", "det": "base_map", "cls": "base_top1"}

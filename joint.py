@@ -34,9 +34,9 @@ import torch
 from tqdm import tqdm
 
 import train
-from datasets import TASKS, DataError, make_loader
-from metrics import PRIMARY_METRIC
+from datasets import DataError, make_loader
 from models import PretrainedWeightsError, pick_device
+from tasks import PRIMARY_METRIC, TASKS
 
 CHECKPOINT_NAME = "model_joint_best.pt"
 

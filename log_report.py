@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from metrics import PRIMARY_METRIC, drop_percent
 from plot_log import LogError, epoch_records, group_by_stage, is_joint, kept_record, load_log, unfinished
-from train import CHECKPOINT_NAMES, HelpWithDefaults, selection_key, within_max_drop
+from tasks import PRIMARY_METRIC, drop_percent, within_max_drop
+from train import CHECKPOINT_NAMES, HelpWithDefaults, selection_key
 
 
 def stage_records(path):

@@ -18,6 +18,7 @@ from torchmetrics.detection import MeanAveragePrecision
 
 from datasets import make_loader
 from detection import decode
+from tasks import PRIMARY_METRIC
 
 
 class UndefinedMetricError(ValueError):
@@ -238,13 +239,6 @@ class ClassificationMetric:
 
 
 # ----------------------------------------------------------------------------- the evaluation loop
-PRIMARY_METRIC = {"seg": "mIoU", "det": "mAP_50", "cls": "top1"}
-MAX_DROP_PERCENT = 5.0  # the forgetting criterion: MET when a task's drop is at most this
-
-
-def drop_percent(baseline, final):
-    """Relative loss of a task's score, in percent of its baseline (negative = improved)."""
-    return (baseline - final) / baseline * 100.0 if baseline > 0 else 0.0
 METRICS = {"seg": SegmentationMetric, "det": DetectionMetric, "cls": ClassificationMetric}
 
 

@@ -42,14 +42,13 @@ matplotlib.use("Agg")  # no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-# stage -> (task, title, metric); the order is the training order
-STAGES = {1: ("seg", "Segmentation", "mIoU"),
-          2: ("det", "Detection", "mAP_50"),
-          3: ("cls", "Classification", "top1")}
+import tasks  # noqa: E402
+
+# stage -> (task, title, metric), in the training order of tasks.STAGES
+STAGES = {stage: (task, tasks.TASK_NAMES[task].capitalize(), tasks.PRIMARY_METRIC[task]) for stage, task in tasks.STAGES}
 EXTRA_METRICS = {"mIoU": ["mIoU_fg"]}  # auxiliary curves drawn on a task's panel
 EXTRA_LABELS = {"mIoU_fg": "mIoU_fg (foreground classes only)"}
 COLORS = {"mIoU": "tab:blue", "mAP_50": "tab:orange", "top1": "tab:green"}
-MAX_DROP = 0.05  # a task may lose at most 5% (relative) of its baseline
 
 
 class LogError(ValueError):
@@ -120,6 +119,11 @@ def epoch_records(recs):
     return [r for r in recs if "kept_blend" not in r]
 
 
+def lowest_kept(baseline):
+    """The lowest score within the 5% rule (tasks.MAX_DROP_PERCENT) of `baseline`."""
+    return baseline * (1 - tasks.MAX_DROP_PERCENT / 100)
+
+
 def kept_record(recs):
     """(record, flagged) of the stage's kept checkpoint: its kept blend, else the last epoch
     flagged best, else (flagged False) the last epoch."""
@@ -159,9 +163,9 @@ def plot_stage(stage, recs, path):
 def plot_joint(recs, path):
     """A joint.py run: its losses, the metric of every task it trains, lr; no baselines."""
     # joint.py logs before 2026-11-25 do not name their tasks: those whose metric they hold
-    tasks = recs[-1].get("tasks") or [task for task, _, metric in STAGES.values() if any(metric in r for r in recs)]
-    metrics = [metric for task, _, metric in STAGES.values() if task in tasks]
-    plot_epochs(recs, f"Joint training ({', '.join(tasks)})", metrics, {}, path)
+    trained = recs[-1].get("tasks") or [task for task, _, metric in STAGES.values() if any(metric in r for r in recs)]
+    metrics = [metric for task, _, metric in STAGES.values() if task in trained]
+    plot_epochs(recs, f"Joint training ({', '.join(trained)})", metrics, {}, path)
 
 
 def plot_epochs(recs, title, metrics, baselines, path):
@@ -208,8 +212,8 @@ def plot_epochs(recs, title, metrics, baselines, path):
         if m in baselines:
             b = baselines[m]
             ax.axhline(b, color=color, ls="--", lw=1, label=f"baseline {b:.4g}")
-            ax.axhline(b * (1 - MAX_DROP), color=color, ls=":", lw=1.2,
-                       label=f"-5% ({b * (1 - MAX_DROP):.4g})")
+            ax.axhline(lowest_kept(b), color=color, ls=":", lw=1.2,
+                       label=f"-{tasks.MAX_DROP_PERCENT:g}% ({lowest_kept(b):.4g})")
         ax.set_ylabel(f"val {m}")
         ax.legend(fontsize=8, loc="best")
 
@@ -238,25 +242,25 @@ def plot_summary(by_stage, path):
     baselines = {}
     for s in stages:
         baselines.update(kept_record(by_stage[s])[0].get("baselines") or {})
-    tasks = [t for t in STAGES if t <= stages[-1]]  # every task seen so far
+    own_stages = [s for s in STAGES if s <= stages[-1]]  # the stage of every task seen so far
 
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(own_stages), figsize=(4.5 * len(own_stages), 4), squeeze=False)
     fig.suptitle("Forgetting: score at each stage's kept checkpoint")
-    for ax, t in zip(axes[0], tasks):
-        _, title, m = STAGES[t]
-        xs = [s for s in stages if s >= t]
+    for ax, own_stage in zip(axes[0], own_stages):
+        _, title, m = STAGES[own_stage]
+        xs = [s for s in stages if s >= own_stage]
         ys = [value(kept_record(by_stage[s])[0], m) for s in xs]
         base = baselines.get(m, ys[0])
-        limit = base * (1 - MAX_DROP)
+        limit = lowest_kept(base)
         ax.axhline(base, color="gray", ls="--", label=f"baseline {base:.4g}")
-        ax.axhline(limit, color="red", ls=":", label=f"5% drop {limit:.4g}")
+        ax.axhline(limit, color="red", ls=":", label=f"{tasks.MAX_DROP_PERCENT:g}% drop {limit:.4g}")
         ax.plot(xs, ys, color=COLORS[m], lw=1.5)
         for x, y in zip(xs, ys):
             if math.isnan(y):  # metric missing from that stage's log
                 continue
-            ok = y >= limit
+            drop = tasks.drop_percent(base, y)
+            ok = drop <= tasks.MAX_DROP_PERCENT
             ax.plot(x, y, "o", ms=8, color="tab:green" if ok else "tab:red")
-            drop = (base - y) / base * 100 if base else math.nan
             ax.annotate(f"{y:.4g}\ndrop {drop:.2f}%", (x, y), textcoords="offset points",
                         xytext=(0, 9), ha="center", fontsize=8,
                         bbox=dict(fc="white", ec="none", alpha=0.8, pad=1))

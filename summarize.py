@@ -16,7 +16,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from metrics import PRIMARY_METRIC
+from tasks import PRIMARY_METRIC
 
 SAME_IN_EVERY_REPORT = ("split", "backbone", "img_sizes")
 

@@ -39,15 +39,15 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from datasets import (TASK_NAMES, TASKS, DataError, build_dataset, classification_batch_mixing, make_loader,
+from datasets import (DataError, build_dataset, classification_batch_mixing, make_loader,
                       train_augmentation)
 from losses import distillation_loss, kl_with_temperature, task_loss
-from metrics import MAX_DROP_PERCENT, PRIMARY_METRIC, drop_percent, evaluate
+from metrics import evaluate
 from models import (BACKBONES, PretrainedWeightsError, UnifiedMultiTaskModel, count_trainable_parameters,
                     imagenet_classifier, imagenet_rows, input_size, pick_device)
 from replay import ReplayBank
+from tasks import PRIMARY_METRIC, STAGES, TASK_NAMES, TASKS, within_max_drop
 
-STAGES = ((1, "seg"), (2, "det"), (3, "cls"))  # the order of the single pass
 CHECKPOINT_NAMES = {1: "model_s1_best.pt", 2: "model_s2_best.pt", 3: "model_final_best_1pass.pt"}
 
 # Learning-rate factors (x the stage's base LR) of each module, per stage; override one entry
@@ -459,11 +459,6 @@ def checkpoint_img_sizes(ckpt):
     """{task: input size} of a checkpoint (or of its saved args); one img_size for all tasks in
     checkpoints written before the sizes were per task."""
     return dict(ckpt["img_sizes"]) if ckpt.get("img_sizes") else dict.fromkeys(TASKS, ckpt["img_size"])
-
-
-def within_max_drop(metrics, baselines):
-    """True when every task in `baselines` scores within 5% of its baseline in `metrics`."""
-    return all(drop_percent(baselines[m], metrics[m]) <= MAX_DROP_PERCENT for m in baselines)
 
 
 def selection_key(metrics, primary, baselines, recent_scores=None):

@@ -4,7 +4,7 @@ import json
 import pytest
 
 import summarize
-from metrics import MAX_DROP_PERCENT, drop_percent
+from tasks import MAX_DROP_PERCENT, drop_percent
 
 
 def write_report(path, finals, baselines, backbone="efficientnet_lite0", split="val"):

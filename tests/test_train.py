@@ -35,8 +35,13 @@ def test_end_to_end_writes_every_output(tiny_run):
 
 def test_jsonl_log_has_every_seen_task_per_epoch(tiny_run):
     out_dir, _ = tiny_run
-    records = [json.loads(line) for line in (out_dir / "training_log.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (out_dir / "training_log.jsonl").read_text().splitlines()]
+    records = [r for r in lines if "kept_blend" not in r]
     assert [(r["stage"], r["epoch"]) for r in records] == [(1, 1), (2, 1), (2, 2), (3, 1)]
+    for blend in (r for r in lines if "kept_blend" in r):  # a stage that kept a blend (the tiny stage 2 does)
+        kept = torch.load(out_dir / train.CHECKPOINT_NAMES[blend["stage"]], weights_only=False)
+        assert blend["kept_blend"] == kept["blend"] and blend["epoch"] == kept["epoch"]
+        assert {m: blend[m] for m in kept["metrics"]} == kept["metrics"]
     expected = {1: {"mIoU"}, 2: {"mIoU", "mAP_50"}, 3: {"mIoU", "mAP_50", "top1"}}
     for record in records:
         assert expected[record["stage"]] <= set(record)
