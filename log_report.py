@@ -168,7 +168,8 @@ def detection_drop_lines(name, by_stage, log_path):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpWithDefaults)
-    parser.add_argument("logs", nargs="+", metavar="LOG", help="training_log.jsonl files written by train.py")
+    parser.add_argument("logs", nargs="+", metavar="LOG", help="training_log.jsonl files written by train.py "
+                                                                "(or the run folders holding them)")
     parser.add_argument("--stage", type=int, choices=(1, 2, 3), help="report only this stage (default: every stage)")
     parser.add_argument("--last", type=int, default=10, metavar="N",
                         help="the last N epochs of a stage: the second count and the means")
@@ -184,6 +185,7 @@ def main(argv=None):
     header += ["epochs within 5%", f"of the last {args.last}", f"mean of the last {args.last} epochs"]
     rows, class_lines, left_out = [], [], []
     for path in args.logs:
+        path = Path(path) / "training_log.jsonl" if Path(path).is_dir() else Path(path)  # a run folder: its log
         try:
             by_stage = stage_records(path)
             if args.stage:
@@ -191,7 +193,7 @@ def main(argv=None):
                     left_out.append(path)
                     continue
                 by_stage = {args.stage: by_stage[args.stage]}
-            name = Path(path).parent.name or path
+            name = path.parent.name or str(path)
             rows += report_rows(name, by_stage, args.last, args.select_window)
             class_lines += detection_drop_lines(name, by_stage, path)
         except LogError as err:

@@ -2,6 +2,7 @@
 
     python plot_log.py                                  # after a bare `python train.py`
     python plot_log.py --log runs/lite0/training_log.jsonl --out_dir plots
+    python plot_log.py --log runs/lite0 --out_dir plots      # a run folder: the log in it
     python plot_log.py --log runs/joint/joint_log.jsonl --out_dir plots_joint  # a joint.py run
 
 The log has one JSON object per finished epoch (see train.py), for example
@@ -51,13 +52,17 @@ EXTRA_LABELS = {"mIoU_fg": "mIoU_fg (foreground classes only)"}
 COLORS = {"mIoU": "tab:blue", "mAP_50": "tab:orange", "top1": "tab:green"}
 
 
+LOG_NAMES = ("training_log.jsonl", "joint_log.jsonl")  # train.py's, joint.py's
+
+
 class LogError(ValueError):
     """The log file is missing, empty or malformed, or the figures' folder cannot be made (the
     message names the file and line, or the flag)."""
 
 
 def load_log(path):
-    """Read training_log.jsonl (or joint_log.jsonl) -> list of records sorted by (stage, epoch),
+    """Read training_log.jsonl (or joint_log.jsonl, or the one in the run folder `path`) -> list
+    of records sorted by (stage, epoch),
     a stage's kept blend (if any) right after the epoch it blended; a joint log's records have
     no stage and are sorted by epoch.
 
@@ -65,6 +70,11 @@ def load_log(path):
     Raises LogError for a missing/empty file, a line that is not a JSON object with
     integer "stage" (1-3) or "task": "joint" and an integer "epoch", or a log that mixes the two.
     """
+    if os.path.isdir(path):  # a run folder: its log
+        logs = [os.path.join(path, name) for name in LOG_NAMES if os.path.isfile(os.path.join(path, name))]
+        if not logs:
+            raise LogError(f"{path}: a folder without {' or '.join(LOG_NAMES)}")
+        path = logs[0]
     if not os.path.isfile(path):
         raise LogError(f"{path}: log file not found")
     records = {}
@@ -281,7 +291,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Plot losses, metrics, lr and forgetting "
                                      "from train.py's training_log.jsonl (or joint.py's joint_log.jsonl).")
     parser.add_argument("--log", default="training_log.jsonl",  # where a bare `python train.py` writes it
-                        help="machine log written by train.py or joint.py (default: %(default)s)")
+                        help="machine log written by train.py or joint.py, or the run folder holding it "
+                             "(default: %(default)s)")
     parser.add_argument("--out_dir", default="plots",
                         help="folder for the PNG files (default: %(default)s)")
     args = parser.parse_args(argv)

@@ -44,6 +44,11 @@ def test_counts_epochs_within_5_percent_and_reports_the_kept_epoch(tmp_path, cap
     assert out.count("\n| seed0 |") == 2 and "mean of the last 2 epochs" in out
 
 
+def test_a_run_folder_stands_for_its_log(tmp_path):
+    log = stage3_log(tmp_path)
+    assert log_report.main([str(log.parent)]) == log_report.main([str(log)])
+
+
 def test_rerank_follows_train_selection_rule(tmp_path):
     path = stage3_log(tmp_path)
     recs = log_report.stage_records(path)[3]

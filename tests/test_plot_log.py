@@ -230,3 +230,14 @@ def test_a_joint_log_that_does_not_name_its_tasks_draws_the_metrics_it_holds(tmp
     monkeypatch.setattr(plot_log, "plot_epochs", lambda recs, title, metrics, baselines, path: drawn.append(metrics))
     plot_log.main(["--log", str(write_log(tmp_path / "log.jsonl", records)), "--out_dir", str(tmp_path / "plots")])
     assert drawn == [["mAP_50"]]
+
+
+def test_a_run_folder_reads_the_log_in_it(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    write_log(tmp_path / "run" / "training_log.jsonl", three_stage_records())
+    assert plot_log.load_log(tmp_path / "run") == plot_log.load_log(tmp_path / "run" / "training_log.jsonl")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as exc:
+        plot_log.main(["--log", str(tmp_path / "empty"), "--out_dir", str(tmp_path / "plots")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "a folder without training_log.jsonl or joint_log.jsonl" in err
