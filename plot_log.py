@@ -50,8 +50,6 @@ STAGES = {stage: (task, tasks.TASK_NAMES[task].capitalize(), tasks.PRIMARY_METRI
 EXTRA_METRICS = {"mIoU": ["mIoU_fg"]}  # auxiliary curves drawn on a task's panel
 EXTRA_LABELS = {"mIoU_fg": "mIoU_fg (foreground classes only)"}
 COLORS = {"mIoU": "tab:blue", "mAP_50": "tab:orange", "top1": "tab:green"}
-
-
 LOG_NAMES = ("training_log.jsonl", "joint_log.jsonl")  # train.py's, joint.py's
 
 
@@ -62,9 +60,8 @@ class LogError(ValueError):
 
 def load_log(path):
     """Read training_log.jsonl (or joint_log.jsonl, or the one in the run folder `path`) -> list
-    of records sorted by (stage, epoch),
-    a stage's kept blend (if any) right after the epoch it blended; a joint log's records have
-    no stage and are sorted by epoch.
+    of records sorted by (stage, epoch), a stage's kept blend (if any) right after the epoch it
+    blended; a joint log's records have no stage and are sorted by epoch.
 
     When a (stage, epoch) appears more than once (a resumed run), the later line wins.
     Raises LogError for a missing/empty file, a line that is not a JSON object with
