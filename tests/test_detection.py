@@ -1,8 +1,9 @@
 """Detection coding: assignment, loss and decoding on hand-made boxes."""
 import math
 
+import pytest
 import torch
-from torchvision.ops import box_iou
+from torchvision.ops import box_iou, generalized_box_iou
 
 from detection import assign_targets, cell_centers, decode, decode_boxes, detection_loss, paired_iou
 
@@ -26,6 +27,21 @@ def perfect_map(boxes, labels, iscrowd=None, mode="region"):
         det[4, cell] = 8.0
         det[5 + labels[index[cell]], cell] = 8.0
     return det.reshape(1, 5 + C, GRID, GRID), index
+
+
+def cell_map(cells):
+    """A (1, 5+C, 8, 8) det map with every logit -8 (box logits 0) but those of `cells`:
+    {cell index: (xyxy box, objectness logit, {class: logit})}."""
+    centers = cell_centers(GRID, GRID)
+    det = torch.full((5 + C, GRID * GRID), -8.0)
+    det[:4] = 0.0
+    for cell, (box, obj, classes) in cells.items():
+        cx, cy = centers[cell]
+        det[:4, cell] = torch.log(torch.stack([cx - box[0], cy - box[1], box[2] - cx, box[3] - cy]) / 16)
+        det[4, cell] = obj
+        for c, logit in classes.items():
+            det[5 + c, cell] = logit
+    return det.reshape(1, 5 + C, GRID, GRID)
 
 
 def test_encode_then_decode_gives_the_boxes_back():
@@ -156,3 +172,55 @@ def test_iou_objectness_targets_each_positive_with_the_iou_of_its_box():
         loss.backward()
         obj_grad = det.grad.reshape(5 + C, -1)[4, positive]
         assert torch.allclose(obj_grad, torch.zeros_like(obj_grad), atol=1e-6) == at_minimum, objectness
+
+
+# ----------------------------------------------------------------------------- rules no test held before a mutation run (session 43)
+def test_smaller_box_by_true_area_wins_for_boxes_with_x1_ne_y1():
+    # A: 128 x 32 = 4096 px, B: 48 x 128 = 6144 px; both claim the cell at (56, 72)
+    boxes = torch.tensor([[0.0, 64.0, 128.0, 96.0], [40.0, 0.0, 88.0, 128.0]])
+    index = assign_targets(boxes, torch.tensor([0, 0]), cell_centers(GRID, GRID))
+    assert index[4 * GRID + 3] == 0
+
+
+def test_a_box_inside_a_crowd_region_keeps_its_positives():
+    boxes = torch.tensor([[16.0, 16.0, 48.0, 48.0], [0.0, 0.0, 128.0, 128.0]])
+    index = assign_targets(boxes, torch.tensor([0, 1]), cell_centers(GRID, GRID))
+    assert index[2 * GRID + 2] == 0          # the cell holding the box centre (32, 32)
+    assert index[6 * GRID + 6] == -2         # a crowd cell far from the box: ignored
+
+
+def test_decoded_score_is_objectness_times_class():
+    det = cell_map({27: ([40.0, 40.0, 72.0, 72.0], 0.0, {3: 0.0}),      # 0.5 x 0.5
+                    45: ([72.0, 72.0, 104.0, 104.0], -8.0, {5: 8.0})})  # no object, confident class
+    result = decode(det)[0]
+    assert result["labels"].tolist() == [3]
+    assert result["scores"].tolist() == pytest.approx([0.25], abs=1e-4)
+
+
+def test_nms_is_per_class():
+    box = [40.0, 40.0, 88.0, 72.0]
+    two_classes = decode(cell_map({27: (box, 8.0, {1: 8.0}), 28: (box, 8.0, {2: 8.0})}))[0]
+    assert sorted(two_classes["labels"].tolist()) == [1, 2]
+    one_class = decode(cell_map({27: (box, 8.0, {1: 8.0}), 28: (box, 8.0, {1: 8.0})}))[0]
+    assert one_class["labels"].tolist() == [1]
+
+
+def test_pre_nms_topk_keeps_the_highest_scores():
+    det = cell_map({0: ([0.0, 0.0, 16.0, 16.0], 1.0, {0: 8.0}), 63: ([112.0, 112.0, 128.0, 128.0], 4.0, {0: 8.0})})
+    result = decode(det, pre_nms_topk=1)[0]
+    assert result["boxes"].tolist() == [pytest.approx([112.0, 112.0, 128.0, 128.0], abs=1e-3)]
+
+
+def test_loss_total_and_box_term_by_hand():
+    torch.manual_seed(0)
+    det = torch.randn(1, 5 + C, GRID, GRID)
+    boxes = torch.tensor([[10.0, 12.0, 70.0, 80.0], [80.0, 60.0, 120.0, 124.0]])
+    target = [{"boxes": boxes, "labels": torch.tensor([0, 7]), "iscrowd": torch.tensor([0, 0])}]
+    total, parts = detection_loss(det, target)
+    assert total.item() == pytest.approx((5 * parts["det_box"] + parts["det_obj"] + parts["det_cls"]).item(), rel=1e-5)
+    centers = cell_centers(GRID, GRID)
+    index = assign_targets(boxes, torch.tensor([0, 0]), centers)
+    pos = (index >= 0).nonzero().squeeze(1)
+    decoded = decode_boxes(det.reshape(5 + C, -1)[:4, pos].T, centers[pos])
+    expected = (1 - generalized_box_iou(decoded, boxes[index[pos]]).diag()).mean()
+    assert parts["det_box"].item() == pytest.approx(expected.item(), rel=1e-5)

@@ -11,7 +11,8 @@ import io
 import pytest
 import torch
 
-from metrics import ClassificationMetric, DetectionMetric, SegmentationMetric
+from metrics import ClassificationMetric, DetectionMetric, SegmentationMetric, evaluate
+from test_detection import GRID, cell_map
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -399,3 +400,32 @@ def test_cls_bootstrap_interval_brackets_a_noisy_accuracy():
     items = [(logits, torch.tensor([k % 2])) for k in range(40)]  # half of them right
     low, high = bootstrap_interval("cls", items, 300)
     assert 0.25 < low < 0.5 < high < 0.75
+
+
+# ----------------------------------------------------------------------------- evaluate() maps boxes back
+class OneImage(torch.utils.data.Dataset):
+    """One 128 px input of a 512 x 256 original, one box."""
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, i):
+        return torch.zeros(3, 128, 128, dtype=torch.uint8), {"boxes": torch.zeros(0, 4)}, i
+
+    def original_size(self, i):
+        return 256, 512
+
+    def eval_target(self, i):
+        return {"boxes": torch.tensor([[64.0, 64.0, 320.0, 192.0]]), "labels": torch.tensor([2]),
+                "iscrowd": torch.tensor([0])}
+
+
+class PerfectDetector(torch.nn.Module):
+    def prepare_input(self, images):
+        return images.float()
+
+    def forward(self, x):   # the box [16, 32, 80, 96] at input size = the target in original pixels
+        return {"det": cell_map({2 * GRID + 2: ([16.0, 32.0, 80.0, 96.0], 8.0, {2: 8.0})})}
+
+
+def test_evaluate_scores_detection_in_original_pixels():
+    assert evaluate(PerfectDetector(), OneImage(), "det")["mAP_50"] == pytest.approx(1.0)

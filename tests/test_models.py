@@ -303,3 +303,12 @@ def test_every_img_size_flag_takes_multiples_of_32_only(script, capsys):
         with pytest.raises(SystemExit) as exit_info:
             parse_args([*needs, "--img_size", size])
         assert exit_info.value.code == 2 and "--img_size" in capsys.readouterr().err
+
+
+def test_objectness_starts_at_probability_0_01():
+    model = UnifiedMultiTaskModel("efficientnet_lite0", pretrained=False).eval()
+    with torch.no_grad():
+        det = model(torch.rand(1, 3, 64, 64))["det"]
+    # the head's last conv bias sets the prior; its weights add a little noise around it
+    assert torch.sigmoid(model.det_head[-1].bias[4]).item() == pytest.approx(0.01, rel=1e-4)
+    assert torch.sigmoid(det[:, 4]).mean().item() < 0.1

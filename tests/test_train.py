@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torchvision.transforms import v2
 
 import eval as eval_script
@@ -798,3 +799,92 @@ def test_blending_is_off_with_blend_steps_0(tiny_run, demo_root, tmp_path, monke
     monkeypatch.setattr(train, "within_max_drop", lambda metrics, baselines: False)
     run_train(demo_root, tmp_path, "--start_from", str(tiny_run[0] / "model_s2_best.pt"), "--blend_steps", "0")
     assert "blend" not in torch.load(tmp_path / "model_final_best_1pass.pt", weights_only=False)
+
+
+# ----------------------------------------------------------------------------- rules no test held before a mutation run (session 43)
+def test_a_drop_of_exactly_5_percent_is_within():
+    assert train.within_max_drop({"mIoU": 0.59375}, {"mIoU": 0.625})          # drop 5.0 exactly
+    assert not train.within_max_drop({"mIoU": 0.59}, {"mIoU": 0.625})
+
+
+def test_stage_3_freezes_the_detection_heads_batchnorm():
+    model = UnifiedMultiTaskModel("efficientnet_lite0", pretrained=False)
+    train.set_train_mode(model, "cls", ["seg", "det"])
+    assert not model.det_head[1].training
+
+
+class FixedBank:
+    """A replay bank that always hands out the same images with the teacher's outputs `keys`."""
+    def __init__(self, teacher, images, keys=("seg_coarse",)):
+        self.images = images
+        with torch.no_grad():
+            self.outputs = {k: v for k, v in teacher(teacher.prepare_input(images)).items() if k in keys}
+
+    def sample(self, batch_size):
+        return self.images, self.outputs
+
+
+def test_replay_batches_do_not_move_the_primary_heads_batchnorm():
+    torch.manual_seed(0)
+    model = UnifiedMultiTaskModel("efficientnet_lite0", pretrained=False)
+    teacher = copy.deepcopy(model).eval()
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    target = [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "labels": torch.tensor([1]), "iscrowd": torch.tensor([0])}] * 2
+    args = train.parse_args(["--distill_seg_new_images", "0", "--distill_det_new_images", "0", "--distill_backbone_probe", "0"])
+    means = []
+    for banks in ({}, {"seg": FixedBank(teacher, torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8))}):
+        student = copy.deepcopy(model)
+        train.parameter_groups(student, ["det"], ["seg"], train.LR_FACTORS[2], 1e-3)
+        train.set_train_mode(student, "det", ["seg"])
+        train.train_one_epoch(student, [{"det": (images, target, None)}], banks,
+                              torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=0.0),
+                              torch.amp.GradScaler("cpu", enabled=False), args, torch.device("cpu"), None)
+        means.append(student.det_head[1].running_mean.clone())
+    assert torch.equal(means[0], means[1])
+
+
+@pytest.mark.parametrize("window, scores, kept_epoch, baseline", [
+    (1, [0.1, 0.5, 0.2], 2, 0.5),      # the best single epoch
+    (2, [0.1, 0.5, 0.2], 3, 0.2),      # means 0.1, 0.3, 0.35: epoch 3, whose own score is the baseline
+    (1, [0.5, 0.5, 0.1], 1, 0.5),      # a tie keeps the earlier epoch
+])
+def test_stage_1_keeps_the_epoch_the_window_picks_with_its_own_score(demo_root, tmp_path, monkeypatch,
+                                                                      window, scores, kept_epoch, baseline):
+    calls = iter(scores)
+    monkeypatch.setattr(train, "validate", lambda model, val_sets, tasks, args: {"mIoU": next(calls)})
+    with pytest.raises(SystemExit):
+        run_train(demo_root, tmp_path, "--epochs_seg", "3", "--select_window", str(window), "--stop_after_epochs", "3")
+    kept = torch.load(tmp_path / "model_s1_best.pt", weights_only=False)
+    assert kept["epoch"] == kept_epoch and kept["baselines"] == {"mIoU": baseline}
+
+
+def test_replay_feature_mse_uses_its_own_weight():
+    torch.manual_seed(0)
+    model = UnifiedMultiTaskModel("efficientnet_lite0", pretrained=False).eval()
+    teacher = copy.deepcopy(model)
+    with torch.no_grad():
+        teacher.shared_conv3[1].bias.add_(1.0)       # the teacher's shared features differ
+    replay = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    bank = FixedBank(teacher, replay, keys=("det", "feat"))
+    with torch.no_grad():
+        expected = F.mse_loss(model(model.prepare_input(replay))["feat"], bank.outputs["feat"]).item()
+    args = train.parse_args(["--distill_weight_det_logits", "3", "--distill_weight_det_feature", "1",
+                             "--distill_seg_new_images", "0", "--distill_det_new_images", "0"])
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    losses = train.train_one_epoch(model, [{"cls": (images, torch.tensor([1, 2]), None)}], {"det": bank},
+                                   torch.optim.SGD(model.parameters(), lr=0.0), torch.amp.GradScaler("cpu", enabled=False),
+                                   args, torch.device("cpu"), None)
+    assert expected > 1e-4 and losses["distill_feat"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_each_epoch_draws_its_own_augmentation(demo_root, tmp_path, monkeypatch):
+    draws, original = [], train.train_one_epoch
+
+    def recording(*args, **kwargs):
+        draws.append(torch.rand(1).item())    # the global stream the augmentations draw from
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_one_epoch", recording)
+    with pytest.raises(SystemExit):
+        run_train(demo_root, tmp_path, "--epochs_seg", "2", "--stop_after_epochs", "2")
+    assert len(draws) == 2 and draws[0] != draws[1]
