@@ -17,7 +17,7 @@ import train
 from datasets import build_dataset, classification_batch_mixing
 from losses import distillation_loss, kl_with_temperature, soft_dice_loss, task_loss
 from models import UnifiedMultiTaskModel
-from tiny import TINY, run_train
+from tiny import TINY, epoch_log, run_train
 
 
 def test_end_to_end_writes_every_output(tiny_run):
@@ -193,7 +193,7 @@ def test_stage_3_distils_detection_and_the_backbone_probe_on_its_images_by_defau
     run_train(demo_root, tmp_path / "default")
     run_train(demo_root, tmp_path / "off", "--distill_det_new_images", "0", "--distill_backbone_probe", "0")
     for run, in_stage_3 in (("default", True), ("off", False)):
-        records = [json.loads(line) for line in (tmp_path / run / "training_log.jsonl").read_text().splitlines()]
+        records = epoch_log(tmp_path / run)
         for term in ("distill_det_new", "distill_probe"):  # detection is learned in stage 2, so never before 3
             assert [(term in r["losses"]) for r in records] == [False, False, in_stage_3], (run, term)
 
@@ -241,7 +241,7 @@ def test_backbone_probe_imagenet_distils_toward_the_backbones_imagenet_classifie
     train.main(["--data_root", str(demo_root), "--out_dir", str(tmp_path), *pretrained, "--backbone_probe", "imagenet"])
     log = (tmp_path / "training_log_single_pass.txt").read_text()
     assert "backbone probe: the ImageNet classifier of efficientnet_lite0, rows of 10 classes" in log
-    records = [json.loads(line) for line in (tmp_path / "training_log.jsonl").read_text().splitlines()]
+    records = epoch_log(tmp_path)
     assert "distill_probe" in records[-1]["losses"]
     # the probe it distils toward: the classifier's rows of the dataset's classes on the pooled backbone
     teacher = UnifiedMultiTaskModel("efficientnet_lite0", pretrained=True).eval()
@@ -372,7 +372,7 @@ def test_resume_after_an_interruption_gives_the_same_outputs(demo_root, tmp_path
     assert (resumed / "model_s1_best.pt").exists() and not (resumed / "model_final_best_1pass.pt").exists()
     with pytest.raises(SystemExit):   # killed again: a resumed run counts only its own epochs
         run_train(demo_root, resumed, *flags, "--resume", "--stop_after_epochs", "1")
-    assert len((resumed / "training_log.jsonl").read_text().splitlines()) == 3
+    assert len(epoch_log(resumed)) == 3
     run_train(demo_root, resumed, *flags, "--resume")
     a = torch.load(straight / "model_final_best_1pass.pt", weights_only=False)
     b = torch.load(resumed / "model_final_best_1pass.pt", weights_only=False)
@@ -473,7 +473,7 @@ def test_start_from_a_stage_checkpoint_runs_only_the_later_stages(tiny_run, demo
     out_dir, baselines = tiny_run
     run_train(demo_root, tmp_path, "--start_from", str(out_dir / "model_s1_best.pt"),
               "--distill_seg_new_images", "4", "0")
-    records = [json.loads(line) for line in (tmp_path / "training_log.jsonl").read_text().splitlines()]
+    records = epoch_log(tmp_path)
     assert [r["stage"] for r in records] == [2, 3]
     assert ["distill_seg_new" in r["losses"] for r in records] == [True, False], "stage 2 only: weights 4 and 0"
     final = torch.load(tmp_path / "model_final_best_1pass.pt", weights_only=False)
@@ -587,7 +587,7 @@ def test_lr_schedules(schedule):
 
 def test_cosine_schedule_restarts_in_every_stage(demo_root, tmp_path):
     run_train(demo_root, tmp_path, "--lr_schedule", "cosine", "--epochs_det", "2")
-    records = [json.loads(line) for line in (tmp_path / "training_log.jsonl").read_text().splitlines()]
+    records = epoch_log(tmp_path)
     det = [r["lr"] for r in records if r["task"] == "det"]
     assert det[0] == pytest.approx(train.parse_args([]).lr_det) and det[1] < det[0]
     assert [r["lr"] for r in records if r["task"] == "cls"] == [pytest.approx(1e-3)]
@@ -629,7 +629,7 @@ def test_resume_may_run_a_stage_longer_and_move_the_data(interrupted_run, demo_r
     moved = tmp_path / "moved_data"
     shutil.copytree(demo_root, moved)
     train.main(["--data_root", str(moved), "--out_dir", str(run), *TINY, "--resume", "--epochs_cls", "2"])
-    records = [json.loads(line) for line in (run / "training_log.jsonl").read_text().splitlines()]
+    records = epoch_log(run)
     assert [r["epoch"] for r in records if r["task"] == "cls"] == [1, 2]
 
 
@@ -674,7 +674,7 @@ def test_the_weight_average_is_what_is_validated_kept_and_passed_on(demo_root, t
     name = "cls_head.weight"
     assert torch.equal(final[name], averaged[name]) and not torch.equal(final[name], last["model"][name])
     assert all(torch.equal(final[k], averaged[k]) for k in final)
-    log = [json.loads(line) for line in (tmp_path / "training_log.jsonl").read_text().splitlines()]
+    log = epoch_log(tmp_path)
     report = eval_script.main(["--weights", str(tmp_path / "model_final_best_1pass.pt"), "--data_root",
                                str(demo_root), "--tasks", "cls"])
     assert log[-1]["top1"] == pytest.approx(report["metrics"]["top1"])
