@@ -106,7 +106,8 @@ def main(argv=None):
         model, ckpt = load_model(args.weights, device)
         if args.blend_with:
             ckpt = blend_with(model, ckpt, args.blend_with, args.blend, device)
-        img_sizes = dict.fromkeys(TASKS, args.img_size) if args.img_size else checkpoint_img_sizes(ckpt)
+        trained_img_sizes = checkpoint_img_sizes(ckpt)
+        img_sizes = dict.fromkeys(TASKS, args.img_size) if args.img_size else trained_img_sizes
         datasets = {t: build_dataset(t, args.data_root, args.split, img_sizes[t], train=False) for t in args.tasks}
     except (ValueError, DataError) as err:
         sys.exit(f"error: {err}")
@@ -118,7 +119,7 @@ def main(argv=None):
 
     report = {"metrics": {}, "baselines": {}, "drops": {}, "met": {}, "backbone": ckpt["backbone"],
               "img_sizes": {t: img_sizes[t] for t in args.tasks}, "weights": str(args.weights), "split": args.split, "details": {},
-              "trained_img_sizes": {t: checkpoint_img_sizes(ckpt)[t] for t in args.tasks},
+              "trained_img_sizes": {t: trained_img_sizes[t] for t in args.tasks},
               "class_names": ckpt.get("class_names", {}), "blend": ckpt.get("blend")}
     for task in args.tasks:
         scores = evaluate(model, datasets[task], task, batch_size=args.batch_size, bootstrap=args.bootstrap)

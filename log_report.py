@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from plot_log import LogError, epoch_records, group_by_stage, is_joint, kept_record, load_log, unfinished
+from plot_log import LogError, epoch_records, group_by_stage, is_joint, kept_record, load_log, log_file, unfinished
 from tasks import PRIMARY_METRIC, drop_percent, within_max_drop
 from train import CHECKPOINT_NAMES, HelpWithDefaults, selection_key
 
@@ -185,8 +185,8 @@ def main(argv=None):
     header += ["epochs within 5%", f"of the last {args.last}", f"mean of the last {args.last} epochs"]
     rows, class_lines, left_out = [], [], []
     for path in args.logs:
-        path = Path(path) / "training_log.jsonl" if Path(path).is_dir() else Path(path)  # a run folder: its log
         try:
+            path = Path(log_file(path))  # a run folder: its log
             by_stage = stage_records(path)
             if args.stage:
                 if args.stage not in by_stage:  # e.g. a run stopped before it, among finished ones

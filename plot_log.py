@@ -58,6 +58,16 @@ class LogError(ValueError):
     message names the file and line, or the flag)."""
 
 
+def log_file(path):
+    """`path`, or for a run folder the log in it (training_log.jsonl, else joint_log.jsonl)."""
+    if not os.path.isdir(path):
+        return path
+    logs = [os.path.join(path, name) for name in LOG_NAMES if os.path.isfile(os.path.join(path, name))]
+    if not logs:
+        raise LogError(f"{path}: a folder without {' or '.join(LOG_NAMES)}")
+    return logs[0]
+
+
 def load_log(path):
     """Read training_log.jsonl (or joint_log.jsonl, or the one in the run folder `path`) -> list
     of records sorted by (stage, epoch), a stage's kept blend (if any) right after the epoch it
@@ -67,11 +77,7 @@ def load_log(path):
     Raises LogError for a missing/empty file, a line that is not a JSON object with
     integer "stage" (1-3) or "task": "joint" and an integer "epoch", or a log that mixes the two.
     """
-    if os.path.isdir(path):  # a run folder: its log
-        logs = [os.path.join(path, name) for name in LOG_NAMES if os.path.isfile(os.path.join(path, name))]
-        if not logs:
-            raise LogError(f"{path}: a folder without {' or '.join(LOG_NAMES)}")
-        path = logs[0]
+    path = log_file(path)
     if not os.path.isfile(path):
         raise LogError(f"{path}: log file not found")
     records = {}
