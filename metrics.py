@@ -242,6 +242,15 @@ class ClassificationMetric:
 METRICS = {"seg": SegmentationMetric, "det": DetectionMetric, "cls": ClassificationMetric}
 
 
+def seg_logits_at(coarse_logits, size):
+    """(N, C, h, w) stride-16 segmentation logits -> (N, C, *size), before the argmax.
+
+    Bilinear with align_corners=False, the upsampling the model's own full-resolution `seg`
+    output uses (models.py), so the scored and drawn masks are the ones the model is trained
+    to produce; nearest would move class boundaries by up to half a coarse cell."""
+    return F.interpolate(coarse_logits, size=tuple(size), mode="bilinear", align_corners=False)
+
+
 @torch.inference_mode()
 def evaluate(model, dataset, task, batch_size=32, bootstrap=0, seed=0):
     """Score `model` on one task's dataset against its original-resolution ground truth.
@@ -262,7 +271,7 @@ def evaluate(model, dataset, task, batch_size=32, bootstrap=0, seed=0):
         if task == "seg":
             for logits, i in zip(outputs["seg_coarse"].float(), indices):
                 mask = dataset.eval_target(i)
-                logits = F.interpolate(logits[None], size=mask.shape, mode="bilinear", align_corners=False)
+                logits = seg_logits_at(logits[None], mask.shape)
                 per_image.append((logits[0].argmax(0).to(torch.uint8), mask))
         elif task == "det":
             sizes = [dataset.original_size(i) for i in indices]

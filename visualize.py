@@ -16,16 +16,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import patheffects  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from matplotlib.patches import Patch, Rectangle  # noqa: E402
 
 from datasets import VOC_CLASSES, VOID  # noqa: E402
 from demo_data import voc_palette  # noqa: E402
 from detection import decode  # noqa: E402
+from metrics import seg_logits_at  # noqa: E402
 
 PALETTE = np.array(voc_palette(), dtype=np.uint8).reshape(256, 3)  # VOC's own colours; 255 (void) is off-white
 # One colour per detection class: tab10 with its grey (class 7) made black, as grey vanishes on photos.
 BOX_COLORS = [*plt.get_cmap("tab10").colors[:7], (0.0, 0.0, 0.0), *plt.get_cmap("tab10").colors[8:]]
+OVERLAY_ALPHA = 0.5  # class colours over the photo: half-transparent, so the image shows through
 MIN_PANEL_PX = 320  # small images (Imagenette-160, demo data) are enlarged so the text stays legible
 DPI = 100
 
@@ -45,12 +46,20 @@ def new_figure(panels, height, width):
     return fig, list(axes[0])
 
 
-def mask_overlay(mask, alpha=0.5):
+def mask_overlay(mask, alpha=OVERLAY_ALPHA):
     """RGBA layer in VOC colours; background stays transparent so the image shows through."""
     rgba = np.zeros((*mask.shape, 4), dtype=np.float32)
     rgba[..., :3] = PALETTE[mask] / 255
     rgba[..., 3] = np.where(mask == 0, 0.0, alpha)
     return rgba
+
+
+def legend_handles(classes, names):
+    """One legend patch per class but background, filled with the RGBA the overlay draws it in (the
+    colour a reader sees over the photo, not the full-strength one); a thin grey edge keeps the pale
+    void colour visible on the white figure."""
+    return [Patch(facecolor=tuple(mask_overlay(np.array([[c]]))[0, 0].tolist()), edgecolor="0.4", linewidth=0.5,
+                  label="void" if c == VOID else names[c]) for c in classes if c != 0]
 
 
 def draw_seg(image, pred, gt, names, path):
@@ -61,7 +70,7 @@ def draw_seg(image, pred, gt, names, path):
             ax.imshow(mask_overlay(mask), interpolation="nearest")  # nearest: no blended class colours
         ax.set_title(title)
     present = sorted(set(np.unique(pred).tolist()) | set(np.unique(gt).tolist()))
-    handles = [Patch(color=PALETTE[c] / 255, label="void" if c == VOID else names[c]) for c in present if c != 0]
+    handles = legend_handles(present, names)
     if handles:  # only the classes on this image, or a 21-entry legend would drown the picture
         fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 6), fontsize=8)
     fig.savefig(path)
@@ -127,8 +136,7 @@ def save_visualizations(model, dataset, task, out_dir, num_images=4, score_thres
         image = dataset.load(i)[0].permute(1, 2, 0).numpy()  # original size, (H, W, 3) uint8
         gt, path = dataset.eval_target(i), out_dir / f"{task}_{k:02d}.png"
         if task == "seg":  # logits to the mask's own size, then argmax: as the metric does
-            logits = F.interpolate(outputs["seg_coarse"][k:k + 1], size=tuple(gt.shape), mode="bilinear",
-                                   align_corners=False)
+            logits = seg_logits_at(outputs["seg_coarse"][k:k + 1], gt.shape)
             draw_seg(image, logits[0].argmax(0).numpy(), gt.numpy(), names, path)
         elif task == "det":
             draw_det(image, dets[k], gt, names, score_threshold, path)

@@ -429,3 +429,46 @@ class PerfectDetector(torch.nn.Module):
 
 def test_evaluate_scores_detection_in_original_pixels():
     assert evaluate(PerfectDetector(), OneImage(), "det")["mAP_50"] == pytest.approx(1.0)
+
+
+# ----------------------------------------------------------------------------- evaluate() upsamples seg logits bilinearly
+class OneMask(torch.utils.data.Dataset):
+    """One image whose ground-truth mask (4 x 8) is larger than the model's coarse 1 x 2 logits."""
+    MASK = torch.tensor([[1, 1, 1, 1, 1, 2, 2, 2]] * 4, dtype=torch.uint8)
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, i):
+        return torch.zeros(3, 32, 32, dtype=torch.uint8), self.MASK, i
+
+    def eval_target(self, i):
+        return self.MASK
+
+
+class TwoCellSegmenter(torch.nn.Module):
+    """Coarse logits over 1 x 2 cells: class 1 scores 3 then 0, class 2 scores 0 then 1, the rest -10."""
+    def prepare_input(self, images):
+        return images.float()
+
+    def forward(self, x):
+        logits = torch.full((len(x), 21, 1, 2), -10.0)
+        logits[:, 1, 0] = torch.tensor([3.0, 0.0])
+        logits[:, 2, 0] = torch.tensor([0.0, 1.0])
+        return {"seg_coarse": logits}
+
+
+def test_seg_logits_upsampled_bilinearly_to_the_mask():
+    # Width 2 -> 8 with align_corners=False: output column j samples the coarse row at
+    # s = (j + 0.5) / 4 - 0.5, clamped to [0, 1], where class 1 scores 3 (1 - s) and class 2
+    # scores s: class 1 wins while s < 3/4, i.e. columns 0..4 (column 4: s = 0.625, 1.125 > 0.625),
+    # class 2 in columns 5..7. That is OneMask, so mIoU = 1.
+    # Nearest copies each coarse cell to 4 columns: column 4 turns to class 2, and
+    # class 1: TP 4 / (GT 5 + pred 4 - 4) = 4/5, class 2: TP 3 / (3 + 4 - 3) = 3/4 -> mIoU 0.775.
+    from metrics import seg_logits_at
+
+    scores = evaluate(TwoCellSegmenter(), OneMask(), "seg")
+    assert scores["IoU_per_class"][:3] == [None, 1.0, 1.0] and scores["mIoU"] == 1.0
+    # visualize.py draws its predicted masks with the same helper.
+    upsampled = seg_logits_at(TwoCellSegmenter()(torch.zeros(1, 3, 32, 32))["seg_coarse"], (4, 8))
+    assert torch.equal(upsampled[0].argmax(0), OneMask.MASK.long())

@@ -1,11 +1,12 @@
 """visualize.save_visualizations on the tiny demo data with an untrained model (CPU, a few seconds)."""
+import numpy as np
 import pytest
 import torch
 
-from datasets import build_dataset
+from datasets import VOC_CLASSES, VOID, build_dataset
 from demo_data import make_demo
 from models import UnifiedMultiTaskModel
-from visualize import save_visualizations
+from visualize import OVERLAY_ALPHA, legend_handles, mask_overlay, save_visualizations
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -32,3 +33,15 @@ def test_writes_one_png_per_image(task, data_root, model, tmp_path):
         assert data.startswith(PNG_MAGIC)
         assert len(data) > 5_000  # a real picture, not an empty canvas
     assert model.training  # the caller's mode is restored
+
+
+def test_legend_colours_are_the_overlay_colours():
+    # The masks are drawn half-transparent over the photo; a legend in full-strength colours would
+    # not match them by eye, so each patch is filled with the very RGBA its class is drawn in.
+    mask = np.array([[0, 1, 15, VOID]])
+    handles = legend_handles(np.unique(mask).tolist(), VOC_CLASSES)
+    assert [h.get_label() for h in handles] == ["aeroplane", "person", "void"]  # no background entry
+    overlay = mask_overlay(mask)[0, 1:]
+    assert OVERLAY_ALPHA < 1 and (overlay[:, 3] == OVERLAY_ALPHA).all()
+    for handle, rgba in zip(handles, overlay):
+        assert handle.get_facecolor() == pytest.approx(tuple(rgba))
