@@ -14,7 +14,7 @@ Modes (each one adds a single optimisation to the previous, so the table is an a
     +keep_freed_memory  glibc keeps freed memory instead of returning it to the OS
                     (train.keep_freed_memory; the modes before it use glibc's own limits)
     default         + bf16 autocast where the device has native bf16, with train.py's own
-                    factor table (train.LR_FACTORS), so it times what train.py does (since
+                    factor table (options.LR_FACTORS), so it times what train.py does (since
                     session 26 its stage 3 lets the backbone's stride-32 blocks learn)
 
 Throughput counts primary-task training images per second of a whole epoch (a training set, 240 images here,
@@ -39,6 +39,7 @@ import time
 
 import torch
 
+import options
 import train
 from datasets import DataError, build_dataset
 from metrics import evaluate
@@ -47,10 +48,10 @@ from replay import ReplayBank
 from tasks import STAGES, TASKS
 
 MODES = {  # name: (channels_last, cache, teacher_cache, backbone factor in stages 2-3 (None: train.py's), keep freed memory, amp)
-    "baseline": (False, False, False, train.REFERENCE_BACKBONE_FACTOR, False, "off"),
-    "+channels_last": (True, False, False, train.REFERENCE_BACKBONE_FACTOR, False, "off"),
-    "+cache": (True, True, False, train.REFERENCE_BACKBONE_FACTOR, False, "off"),
-    "+teacher_cache": (True, True, True, train.REFERENCE_BACKBONE_FACTOR, False, "off"),
+    "baseline": (False, False, False, options.REFERENCE_BACKBONE_FACTOR, False, "off"),
+    "+channels_last": (True, False, False, options.REFERENCE_BACKBONE_FACTOR, False, "off"),
+    "+cache": (True, True, False, options.REFERENCE_BACKBONE_FACTOR, False, "off"),
+    "+teacher_cache": (True, True, True, options.REFERENCE_BACKBONE_FACTOR, False, "off"),
     "+frozen_backbone": (True, True, True, 0.0, False, "off"),
     "+keep_freed_memory": (True, True, True, 0.0, True, "off"),
     "default": (True, True, True, None, True, "auto"),
@@ -58,7 +59,7 @@ MODES = {  # name: (channels_last, cache, teacher_cache, backbone factor in stag
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=train.HelpWithDefaults)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=options.HelpWithDefaults)
     p.add_argument("--data_root", default="DL_data", help="folder of the three datasets")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--backbone", default="efficientnet_lite0", help="as train.py's --backbone")
@@ -83,7 +84,7 @@ def parse_args(argv=None):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     args.size_flags = [] if args.img_size is None else ["--img_size", str(args.img_size)]
-    args.img_sizes = train.parse_args(args.size_flags).img_sizes  # train.py's sizes unless --img_size
+    args.img_sizes = options.parse_args(args.size_flags).img_sizes  # train.py's sizes unless --img_size
     return args
 
 
@@ -101,7 +102,7 @@ def time_stage_epoch(stage, mode, args, device, data_cache):
     setup = 0.0
     if cache not in data_cache:
         started = time.perf_counter()
-        recipe = train.parse_args(["--data_root", args.data_root, *args.size_flags])
+        recipe = options.parse_args(["--data_root", args.data_root, *args.size_flags])
         data_cache[cache] = {t: train.build_train_set(t, recipe, cache) for t in TASKS}
         data_cache[(cache, "build_s")] = time.perf_counter() - started
     data = data_cache[cache]
@@ -111,7 +112,7 @@ def time_stage_epoch(stage, mode, args, device, data_cache):
     model = UnifiedMultiTaskModel(args.backbone, pretrained=True).to(device)
     if channels_last:
         model.use_channels_last()
-    train_args = train.parse_args(["--backbone", args.backbone, "--amp", amp,
+    train_args = options.parse_args(["--backbone", args.backbone, "--amp", amp,
                                    "--replay_batch_size", str(args.replay_batch_size)])
     amp_dtype = train.autocast_dtype(amp, device)
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
@@ -124,9 +125,9 @@ def time_stage_epoch(stage, mode, args, device, data_cache):
     synchronize(device)
     setup += time.perf_counter() - started
 
-    factors = dict(train.LR_FACTORS[stage])
+    factors = dict(options.LR_FACTORS[stage])
     if stage > 1 and backbone_factor is not None:
-        train.set_factor(factors, "backbone", backbone_factor)
+        options.set_factor(factors, "backbone", backbone_factor)
     optimizer = torch.optim.AdamW(train.parameter_groups(model, [primary], learned, factors, 1e-4))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     train.set_train_mode(model, primary, learned)
@@ -184,13 +185,13 @@ def run_benchmark(args):
     device = pick_device(args.device)
     args.device = str(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    print(f"device {name}, backbone {args.backbone}, {train.describe_sizes(args.img_sizes)}, batch {args.batch_size} "
+    print(f"device {name}, backbone {args.backbone}, {options.describe_sizes(args.img_sizes)}, batch {args.batch_size} "
           f"+ replay {args.replay_batch_size} per earlier task, torch {torch.__version__}")
     print(f"{'stage':<6} {'mode':<18} {'img/s':>8} {'setup s':>8} {'epoch s (+setup/epochs)':>24}")
     epoch_seconds = {}
     data_cache = {}
     for stage in args.stages:
-        default_epochs = getattr(train.parse_args([]), f"epochs_{STAGES[stage - 1][1]}")
+        default_epochs = getattr(options.parse_args([]), f"epochs_{STAGES[stage - 1][1]}")
         for mode in args.modes:
             rate, setup, images = time_stage_epoch(stage, mode, args, device, data_cache)
             # One-time costs are paid once per stage: spread them over the stage's default epochs.

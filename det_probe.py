@@ -25,12 +25,14 @@ import sys
 
 import torch
 
+from checkpoints import checkpoint_img_sizes
 from datasets import DataError, build_dataset, collate, train_augmentation
 from detection import decode, detection_loss
 from eval import load_model
 from metrics import DetectionMetric
 from models import UnifiedMultiTaskModel, input_size, pick_device
-from train import HelpWithDefaults, autocast_dtype, build_parser, checkpoint_img_sizes, scale_range, set_seed, set_train_mode
+from options import HelpWithDefaults, build_parser, scale_range
+from train import autocast_dtype, set_seed, set_train_mode
 
 TRUNK = ("neck", "shared_conv1", "shared_conv2", "shared_conv3")  # the layers above the backbone, in order
 

@@ -18,12 +18,14 @@ import json
 import sys
 from pathlib import Path
 
+from checkpoints import checkpoint_img_sizes, read_checkpoint
 from datasets import DataError, build_dataset
 from metrics import evaluate
 from models import UnifiedMultiTaskModel, input_size, pick_device
+from options import HelpWithDefaults, describe_sizes
 from tasks import MAX_DROP_PERCENT, PRIMARY_METRIC, STAGES, TASKS, drop_percent
-from train import (HelpWithDefaults, blend_toward_teacher, checkpoint_img_sizes, describe_sizes,
-                   read_checkpoint)
+from train import blend_toward_teacher
+
 
 BASELINE_FLAGS = {"seg": "base_miou", "det": "base_map", "cls": "base_top1"}
 

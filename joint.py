@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import checkpoints
+import options
 import train
 from datasets import DataError, make_loader
 from models import PretrainedWeightsError, pick_device
@@ -53,12 +55,12 @@ def task_list(text):
 
 def parse_args(argv=None):
     # without train.py's replay, distillation, resume, demo and baseline flags: unknown here, not ignored
-    parser = train.build_parser(__doc__.split("\n\n")[0], sequential=False)
+    parser = options.build_parser(__doc__.split("\n\n")[0], sequential=False)
     parser.add_argument("--tasks", type=task_list, default="all",
                         help="tasks trained together: 'all' or a subset such as 'det' (a single-task reference)")
     parser.add_argument("--epochs", type=int, default=None,
                         help="joint epochs (default: the mean of the listed tasks' --epochs_*, the same budget)")
-    args = train.parse_args(argv, parser)
+    args = options.parse_args(argv, parser)
     unused = [f"--lr_{task}" for task in TASKS
               if task != args.tasks[0] and getattr(args, f"lr_{task}") != parser.get_default(f"lr_{task}")]
     unused += [f"--lr_factor {stage} {module} {value}" for stage, module, value in args.lr_factor if stage != "1"]
@@ -79,7 +81,7 @@ def main(argv=None):
     # after each), for 1.2x in epoch 1 and no gain by epoch 3; glibc's own limits held three epochs
     # under 9.1 GiB (RESULTS.md, Memory)
     out_dir = Path(args.out_dir)
-    train.refuse_to_overwrite(out_dir, [CHECKPOINT_NAME, "joint_log.jsonl"], "choose another --out_dir")
+    checkpoints.refuse_to_overwrite(out_dir, [CHECKPOINT_NAME, "joint_log.jsonl"], "choose another --out_dir")
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
         device = pick_device(args.device)
@@ -98,7 +100,7 @@ def main(argv=None):
     weight_average = train.make_weight_average(model, args.ema_decay)
     scored = model if weight_average is None else weight_average.module  # validated and kept
     print(f"joint training of {', '.join(tasks)} for {args.epochs} epochs, backbone {args.backbone}, "
-          f"{train.describe_sizes(args.img_sizes)}, device {device}")
+          f"{options.describe_sizes(args.img_sizes)}, device {device}")
 
     best_score = None
     for epoch in range(1, args.epochs + 1):
@@ -124,7 +126,7 @@ def main(argv=None):
         is_best = best_score is None or score > best_score
         if is_best:
             best_score = score
-            train.save_atomic(train.checkpoint_dict(scored, args, data["class_names"], {}, "joint", epoch, metrics),
+            checkpoints.save_atomic(checkpoints.checkpoint_dict(scored, args, data["class_names"], {}, "joint", epoch, metrics),
                               out_dir / CHECKPOINT_NAME)
         record = {"task": "joint", "tasks": tasks, "epoch": epoch, "epochs": args.epochs, "lr": lr, "losses": losses,
                   **metrics, "mean_score": score, "best": is_best, "time_s": round(time.time() - started, 2)}

@@ -17,10 +17,11 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from checkpoints import checkpoint_img_sizes
 from datasets import DataError, build_dataset, make_loader
 from eval import load_model
 from models import PretrainedWeightsError, imagenet_classifier, input_size, pick_device
-from train import HelpWithDefaults, checkpoint_img_sizes
+from options import HelpWithDefaults
 
 
 def parse_args(argv=None):

@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 import bench
+import options
 import train
 
 
@@ -31,7 +32,7 @@ def test_bench_prints_a_table_and_the_speedup_last(demo_root, capsys, monkeypatc
 
 
 def test_bench_times_train_py_input_sizes_unless_told():
-    assert bench.parse_args([]).img_sizes == train.IMG_SIZES
+    assert bench.parse_args([]).img_sizes == options.IMG_SIZES
     assert set(bench.parse_args(["--img_size", "96"]).img_sizes.values()) == {96}
 
 

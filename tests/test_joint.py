@@ -7,6 +7,7 @@ import torch
 
 import eval as eval_script
 import joint
+import options
 import plot_log
 import train
 from datasets import TASKS
@@ -45,7 +46,7 @@ def test_joint_has_no_train_only_flags(flags, capsys):
     with pytest.raises(SystemExit):
         joint.parse_args(flags)
     assert f"unrecognized arguments: {flags[0]}" in capsys.readouterr().err
-    train.parse_args(flags)  # train.py takes them
+    options.parse_args(flags)  # train.py takes them
 
 
 @pytest.mark.parametrize("flags", [["--lr_det", "1e-2"], ["--tasks", "det", "--lr_seg", "1e-2"],
@@ -63,10 +64,10 @@ def test_joint_accepts_the_flags_it_uses():
 
 def test_joint_trains_every_head_and_shared_layer():
     model = UnifiedMultiTaskModel("efficientnet_lite0", pretrained=False)
-    groups = train.parameter_groups(model, TASKS, [], train.LR_FACTORS[1], base_lr=1e-3)
+    groups = train.parameter_groups(model, TASKS, [], options.LR_FACTORS[1], base_lr=1e-3)
     names = {g["name"] for g in groups}
     assert {"seg_head", "det_head", "cls_head", "neck", "shared_late"} <= names
-    assert all(g["factor"] == train.LR_FACTORS[1]["task_head"] for g in groups if g["name"].endswith("_head"))
+    assert all(g["factor"] == options.LR_FACTORS[1]["task_head"] for g in groups if g["name"].endswith("_head"))
 
 
 @pytest.mark.parametrize("extra", [["--ema_decay", "0"], []], ids=["raw_weights", "weight_average"])
@@ -76,7 +77,7 @@ def test_joint_run_writes_a_checkpoint_eval_scores_the_same(demo_root, tmp_path,
     assert [r["epoch"] for r in records] == [1, 2]
     for record in records:
         assert {"seg", "det", "cls"} <= set(record["losses"]) and {"mIoU", "mAP_50", "top1"} <= set(record)
-        assert record["lr"] == pytest.approx(train.parse_args([]).lr_seg)  # heads at factor 1, no plateau yet
+        assert record["lr"] == pytest.approx(options.parse_args([]).lr_seg)  # heads at factor 1, no plateau yet
     assert plot_log.main(["--log", str(tmp_path / "joint_log.jsonl"), "--out_dir", str(tmp_path / "plots")]) == [
         str(tmp_path / "plots" / "joint_metrics.png")]
     ckpt = torch.load(tmp_path / joint.CHECKPOINT_NAME, weights_only=False)

@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+import checkpoints
 import log_report
 import train
 from tiny import run_train
@@ -65,7 +66,7 @@ def test_rerank_agrees_with_the_epochs_a_real_run_kept(demo_root, tmp_path):
     every checkpoint it wrote."""
     run_train(demo_root, tmp_path, "--epochs_seg", "3", "--epochs_det", "3", "--select_window", "2")
     by_stage = log_report.stage_records(tmp_path / "training_log.jsonl")
-    for stage, name in train.CHECKPOINT_NAMES.items():
+    for stage, name in checkpoints.CHECKPOINT_NAMES.items():
         kept = torch.load(tmp_path / name, map_location="cpu", weights_only=False)["epoch"]
         assert log_report.rerank(by_stage[stage], 2) == kept, stage
         assert log_report.kept_record(by_stage[stage])[0]["epoch"] == kept, stage
@@ -133,11 +134,11 @@ def test_names_the_detection_classes_behind_its_drops(tmp_path, capsys):
     log_report.main([str(log)])  # no checkpoint beside the log: class indices
     expected = "seed0, stage 3: detection AP@0.5 per class, mean of the epochs that held it -> of the 2 that lost it: "
     assert capsys.readouterr().out.splitlines()[-1] == expected + "class 2 0.600 -> 0.300 (105% of the gap)"
-    torch.save({"class_names": {"det": ["person", "car", "couch", "cup"]}}, run / train.CHECKPOINT_NAMES[2])
+    torch.save({"class_names": {"det": ["person", "car", "couch", "cup"]}}, run / checkpoints.CHECKPOINT_NAMES[2])
     log_report.main([str(log)])
     assert capsys.readouterr().out.splitlines()[-1] == expected + "couch 0.600 -> 0.300 (105% of the gap)"
 
-    (run / train.CHECKPOINT_NAMES[2]).write_text("not a checkpoint")
+    (run / checkpoints.CHECKPOINT_NAMES[2]).write_text("not a checkpoint")
     with pytest.raises(SystemExit) as err:
         log_report.main([str(log)])
     message = capsys.readouterr().err.strip()

@@ -66,9 +66,9 @@ def test_three_stages_write_all_figures(tmp_path, capsys):
 
 
 def test_bare_command_reads_the_log_of_a_bare_train_run(tmp_path, monkeypatch):
-    import train
+    import options  # train.py's default --out_dir
     monkeypatch.chdir(tmp_path)
-    write_log(Path(train.parse_args([]).out_dir) / "training_log.jsonl", three_stage_records())
+    write_log(Path(options.parse_args([]).out_dir) / "training_log.jsonl", three_stage_records())
     plot_log.main([])
     assert_png(tmp_path / "plots" / "forgetting_summary.png")
 

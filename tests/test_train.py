@@ -10,9 +10,11 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
+import checkpoints
 import eval as eval_script
 import joint
 import models
+import options
 import train
 from datasets import build_dataset, classification_batch_mixing
 from losses import distillation_loss, kl_with_temperature, soft_dice_loss, task_loss
@@ -40,7 +42,7 @@ def test_jsonl_log_has_every_seen_task_per_epoch(tiny_run):
     records = [r for r in lines if "kept_blend" not in r]
     assert [(r["stage"], r["epoch"]) for r in records] == [(1, 1), (2, 1), (2, 2), (3, 1)]
     for blend in (r for r in lines if "kept_blend" in r):  # a stage that kept a blend (the tiny stage 2 does)
-        kept = torch.load(out_dir / train.CHECKPOINT_NAMES[blend["stage"]], weights_only=False)
+        kept = torch.load(out_dir / checkpoints.CHECKPOINT_NAMES[blend["stage"]], weights_only=False)
         assert blend["kept_blend"] == kept["blend"] and blend["epoch"] == kept["epoch"]
         assert {m: blend[m] for m in kept["metrics"]} == kept["metrics"]
     expected = {1: {"mIoU"}, 2: {"mIoU", "mAP_50"}, 3: {"mIoU", "mAP_50", "top1"}}
@@ -55,32 +57,32 @@ def test_jsonl_log_has_every_seen_task_per_epoch(tiny_run):
 
 def test_parameter_groups_cover_every_parameter_once():
     model = UnifiedMultiTaskModel("efficientnet_lite0", pretrained=False)
-    groups = train.parameter_groups(model, ["det"], ["seg"], train.LR_FACTORS[2], base_lr=1e-3)
+    groups = train.parameter_groups(model, ["det"], ["seg"], options.LR_FACTORS[2], base_lr=1e-3)
     ids = [id(p) for g in groups for p in g["params"]]
     trainable = [id(p) for p in model.parameters() if p.requires_grad]
     assert len(ids) == len(set(ids)) and set(ids) == set(trainable)
     lr = {g["name"]: g["lr"] for g in groups}
-    assert lr["neck"] == pytest.approx(1e-3 * train.LR_FACTORS[2]["neck"])
-    assert lr["shared_late"] == pytest.approx(1e-3 * train.LR_FACTORS[2]["shared_late"])
-    assert lr["det_head"] == pytest.approx(1e-3 * train.LR_FACTORS[2]["task_head"])
-    assert lr["seg_head"] == pytest.approx(1e-3 * train.LR_FACTORS[2]["distill_head"])
+    assert lr["neck"] == pytest.approx(1e-3 * options.LR_FACTORS[2]["neck"])
+    assert lr["shared_late"] == pytest.approx(1e-3 * options.LR_FACTORS[2]["shared_late"])
+    assert lr["det_head"] == pytest.approx(1e-3 * options.LR_FACTORS[2]["task_head"])
+    assert lr["seg_head"] == pytest.approx(1e-3 * options.LR_FACTORS[2]["distill_head"])
     # Factor 0 freezes: the default table freezes the backbone; a task not learned yet is not trained.
-    assert not set(train.BACKBONE_MODULES) & set(lr) and "cls_head" not in lr
+    assert not set(options.BACKBONE_MODULES) & set(lr) and "cls_head" not in lr
     assert not any(p.requires_grad for p in model.backbone.parameters())
     assert not any(p.requires_grad for p in model.cls_head.parameters())
     # Stage 1's table trains the backbone again: freezing is per stage, not permanent.
-    groups = train.parameter_groups(model, ["seg"], [], train.LR_FACTORS[1], base_lr=1e-3)
-    assert {g["name"] for g in groups} >= {*train.BACKBONE_MODULES, "seg_head"}
+    groups = train.parameter_groups(model, ["seg"], [], options.LR_FACTORS[1], base_lr=1e-3)
+    assert {g["name"] for g in groups} >= {*options.BACKBONE_MODULES, "seg_head"}
     assert all(p.requires_grad for p in model.backbone.parameters())
     # The learning stage-3 backbone option (RESULTS.md, session 25): `backbone` sets both parts,
     # each gets its group and LR, and the BatchNorm statistics stay ImageNet's.
-    factors = train.parse_args(["--lr_factor", "3", "backbone", "0.1"]).lr_factors[3]
+    factors = options.parse_args(["--lr_factor", "3", "backbone", "0.1"]).lr_factors[3]
     lr = {g["name"]: g["lr"] for g in train.parameter_groups(model, ["cls"], ["seg", "det"], factors, 1e-3)}
     assert lr["backbone_early"] == lr["backbone_late"] == pytest.approx(1e-4)
     train.set_train_mode(model, "cls", ["seg", "det"])
     assert not any(m.training for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
     # The default stage 3 (RESULTS.md, session 26): only the stride-32 blocks learn.
-    train.parameter_groups(model, ["cls"], ["seg", "det"], train.LR_FACTORS[3], 1e-3)
+    train.parameter_groups(model, ["cls"], ["seg", "det"], options.LR_FACTORS[3], 1e-3)
     assert all(p.requires_grad for p in model.backbone.to_s32.parameters())
     assert not any(p.requires_grad for p in model.backbone.to_s16.parameters())
 
@@ -133,7 +135,7 @@ def one_cls_step_with_a_teacher(model, teacher, images, args=(), **distillation)
     optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
     batch = {"cls": (images, torch.tensor([1, 7]), None)}
     losses = train.train_one_epoch(student, [batch], {}, optimizer, torch.amp.GradScaler("cpu", enabled=False),
-                                   train.parse_args(list(args)), torch.device("cpu"), None, teacher=teacher,
+                                   options.parse_args(list(args)), torch.device("cpu"), None, teacher=teacher,
                                    **distillation)
     return losses, student
 
@@ -246,7 +248,7 @@ def test_backbone_probe_imagenet_distils_toward_the_backbones_imagenet_classifie
     # the probe it distils toward: the classifier's rows of the dataset's classes on the pooled backbone
     teacher = UnifiedMultiTaskModel("efficientnet_lite0", pretrained=True).eval()
     dataset = build_dataset("cls", demo_root, "train", 64)
-    args = train.parse_args(["--backbone", "efficientnet_lite0", "--backbone_probe", "imagenet"])
+    args = options.parse_args(["--backbone", "efficientnet_lite0", "--backbone_probe", "imagenet"])
     probe = train.new_images_distillation(args, 3, "cls", ["seg", "det"], teacher, {"cls": dataset}, None,
                                           logging.getLogger("test"))["backbone_probe"]
     weight, bias = models.imagenet_classifier("efficientnet_lite0", dataset.wnids)
@@ -272,10 +274,10 @@ def test_backbone_probe_imagenet_needs_imagenet_classes_and_weights(broken_copy,
 
 
 def test_distill_seg_new_images_takes_one_weight_or_one_per_stage():
-    assert train.parse_args([]).distill_seg_new_images == {2: 4.0, 3: 1.0}, "the default: 4 in stage 2, 1 in stage 3"
-    assert train.parse_args(["--distill_seg_new_images", "0"]).distill_seg_new_images == {2: 0.0, 3: 0.0}
-    assert train.parse_args(["--distill_seg_new_images", "4"]).distill_seg_new_images == {2: 4.0, 3: 4.0}
-    assert train.parse_args(["--distill_seg_new_images", "4", "1"]).distill_seg_new_images == {2: 4.0, 3: 1.0}
+    assert options.parse_args([]).distill_seg_new_images == {2: 4.0, 3: 1.0}, "the default: 4 in stage 2, 1 in stage 3"
+    assert options.parse_args(["--distill_seg_new_images", "0"]).distill_seg_new_images == {2: 0.0, 3: 0.0}
+    assert options.parse_args(["--distill_seg_new_images", "4"]).distill_seg_new_images == {2: 4.0, 3: 4.0}
+    assert options.parse_args(["--distill_seg_new_images", "4", "1"]).distill_seg_new_images == {2: 4.0, 3: 1.0}
 
 
 def test_label_smoothing_moves_the_classification_target_off_one_hot():
@@ -318,7 +320,7 @@ def test_a_step_backpropagates_each_task_and_equals_the_summed_loss_step():
     torch.manual_seed(0)
     model = UnifiedMultiTaskModel("efficientnet_lite0", pretrained=False)
     twin = copy.deepcopy(model)
-    args = train.parse_args(["--label_smoothing", "0.1", "--seg_dice_weight", "0.5"])
+    args = options.parse_args(["--label_smoothing", "0.1", "--seg_dice_weight", "0.5"])
     batch = {"seg": (torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8), torch.randint(0, 21, (2, 64, 64)), None),
              "cls": (torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8), torch.tensor([1, 7]), None)}
     device = torch.device("cpu")
@@ -341,7 +343,7 @@ def test_cutmix_trains_the_classification_batch_on_mixed_images_and_soft_labels(
     """--cls_cutmix: the step is the one on the mixed batch (same random draw), not on the plain one."""
     torch.manual_seed(0)
     model = UnifiedMultiTaskModel("efficientnet_lite0", pretrained=False)
-    args = train.parse_args(["--cls_cutmix", "1.0"])
+    args = options.parse_args(["--cls_cutmix", "1.0"])
     images, labels = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8), torch.tensor([1, 7, 3, 3])
     device, scaler = torch.device("cpu"), torch.amp.GradScaler("cpu", enabled=False)
     model.eval()  # BatchNorm on its running statistics: the three losses below see the same model
@@ -495,17 +497,17 @@ def test_start_from_a_stage_checkpoint_runs_only_the_later_stages(tiny_run, demo
                                    ["--demo", "--img_size_cls", "64"]])
 def test_bad_flags_are_rejected(flags, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        train.parse_args(flags)
+        options.parse_args(flags)
     assert exit_info.value.code == 2 and flags[0] in capsys.readouterr().err
 
 
 def test_no_pretrained_takes_either_spelling():  # every other flag is spelled with underscores
-    assert not train.parse_args(["--no-pretrained"]).pretrained and not train.parse_args(["--no_pretrained"]).pretrained
+    assert not options.parse_args(["--no-pretrained"]).pretrained and not options.parse_args(["--no_pretrained"]).pretrained
 
 
 @pytest.mark.parametrize("sequential", [True, False], ids=["train.py", "joint.py"])
 def test_help_describes_every_flag_and_shows_only_real_defaults(sequential):
-    parser = train.build_parser(sequential=sequential)
+    parser = options.build_parser(sequential=sequential)
     assert [a.option_strings for a in parser._actions if not a.help] == []
     text = " ".join(parser.format_help().split())
     assert not any(f"(default: {v})" in text for v in ("None", "[]", "True", "False"))
@@ -514,17 +516,17 @@ def test_help_describes_every_flag_and_shows_only_real_defaults(sequential):
 
 
 def test_img_size_flags_set_every_task_or_one():
-    assert train.parse_args([]).img_sizes == train.IMG_SIZES
-    assert train.parse_args(["--img_size", "256"]).img_sizes == {"seg": 256, "det": 256, "cls": 256}
-    args = train.parse_args(["--img_size", "256", "--img_size_cls", "160"])
+    assert options.parse_args([]).img_sizes == options.IMG_SIZES
+    assert options.parse_args(["--img_size", "256"]).img_sizes == {"seg": 256, "det": 256, "cls": 256}
+    args = options.parse_args(["--img_size", "256", "--img_size_cls", "160"])
     assert args.img_sizes == {"seg": 256, "det": 256, "cls": 160}, "a task's own flag wins over --img_size"
-    assert train.parse_args(["--img_size_det", "416"]).img_sizes == {**train.IMG_SIZES, "det": 416}
+    assert options.parse_args(["--img_size_det", "416"]).img_sizes == {**options.IMG_SIZES, "det": 416}
 
 
 def test_checkpoint_img_sizes_reads_old_single_size_checkpoints():
-    assert train.checkpoint_img_sizes({"img_size": 224}) == {"seg": 224, "det": 224, "cls": 224}
+    assert checkpoints.checkpoint_img_sizes({"img_size": 224}) == {"seg": 224, "det": 224, "cls": 224}
     sizes = {"seg": 320, "det": 320, "cls": 224}
-    assert train.checkpoint_img_sizes({"img_sizes": sizes, "img_size": None}) == sizes
+    assert checkpoints.checkpoint_img_sizes({"img_sizes": sizes, "img_size": None}) == sizes
 
 
 def test_each_task_trains_and_validates_at_its_own_size(tiny_run, demo_root, tmp_path):
@@ -562,16 +564,16 @@ def test_start_from_a_final_joint_or_resume_checkpoint_is_a_clear_error(tiny_run
 
 
 def test_lr_factor_overrides_one_entry_of_one_stage():
-    args = train.parse_args(["--lr_factor", "3", "neck", "0.5", "--lr_factor", "1", "backbone", "0"])
+    args = options.parse_args(["--lr_factor", "3", "neck", "0.5", "--lr_factor", "1", "backbone", "0"])
     assert args.lr_factors[3]["neck"] == 0.5
     assert args.lr_factors[1]["backbone_early"] == args.lr_factors[1]["backbone_late"] == 0.0, "backbone: both parts"
-    assert args.lr_factors[2] == train.LR_FACTORS[2], "other stages keep their defaults"
-    assert train.LR_FACTORS[3]["neck"] != 0.5, "the module-level table is not modified"
+    assert args.lr_factors[2] == options.LR_FACTORS[2], "other stages keep their defaults"
+    assert options.LR_FACTORS[3]["neck"] != 0.5, "the module-level table is not modified"
 
 
 @pytest.mark.parametrize("schedule", ["plateau", "cosine"])
 def test_lr_schedules(schedule):
-    args = train.parse_args(["--lr_schedule", schedule, "--plateau_patience", "2"])
+    args = options.parse_args(["--lr_schedule", schedule, "--plateau_patience", "2"])
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     scheduler = train.make_scheduler(optimizer, args, epochs=10)
     lrs = []
@@ -589,7 +591,7 @@ def test_cosine_schedule_restarts_in_every_stage(demo_root, tmp_path):
     run_train(demo_root, tmp_path, "--lr_schedule", "cosine", "--epochs_det", "2")
     records = epoch_log(tmp_path)
     det = [r["lr"] for r in records if r["task"] == "det"]
-    assert det[0] == pytest.approx(train.parse_args([]).lr_det) and det[1] < det[0]
+    assert det[0] == pytest.approx(options.parse_args([]).lr_det) and det[1] < det[0]
     assert [r["lr"] for r in records if r["task"] == "cls"] == [pytest.approx(1e-3)]
 
 
@@ -606,7 +608,7 @@ def interrupted_run(demo_root, tmp_path_factory):
                                                ("--distill_seg_new_images", "2", "4 1"),
                                                ("--distill_backbone_probe", "0", "1"), ("--blend_steps", "0", "20"),
                                                ("--lr_factor", "3 shared_late 0.5",
-                                                f"3 shared_late {train.LR_FACTORS[3]['shared_late']:g}"),
+                                                f"3 shared_late {options.LR_FACTORS[3]['shared_late']:g}"),
                                                ("--lr_det", "1e-3", "0.003"), ("--seed", "1", "0"),
                                                ("--det_scale_jitter", "0.8,1.2", "0.5,1.5")])
 def test_resume_with_another_recipe_flag_is_a_clear_error(interrupted_run, demo_root, tmp_path, flag, value, saved):
@@ -617,11 +619,11 @@ def test_resume_with_another_recipe_flag_is_a_clear_error(interrupted_run, demo_
 
 
 def test_resume_error_writes_the_saved_flag_as_it_is_typed():
-    assert train.as_flag("baseline_mode", True) == "with --baseline_mode"
-    assert train.as_flag("seg_scale_jitter", None) == "without --seg_scale_jitter"
-    assert train.as_flag("det_scale_jitter", (0.5, 1.5)) == "with --det_scale_jitter 0.5,1.5"
-    assert train.as_flag("distill_seg_new_images", {2: 4.0, 3: 1.0}) == "with --distill_seg_new_images 4 1"
-    assert train.as_flag("lr_det", 0.003) == "with --lr_det 0.003" and train.as_flag("seed", 2) == "with --seed 2"
+    assert checkpoints.as_flag("baseline_mode", True) == "with --baseline_mode"
+    assert checkpoints.as_flag("seg_scale_jitter", None) == "without --seg_scale_jitter"
+    assert checkpoints.as_flag("det_scale_jitter", (0.5, 1.5)) == "with --det_scale_jitter 0.5,1.5"
+    assert checkpoints.as_flag("distill_seg_new_images", {2: 4.0, 3: 1.0}) == "with --distill_seg_new_images 4 1"
+    assert checkpoints.as_flag("lr_det", 0.003) == "with --lr_det 0.003" and checkpoints.as_flag("seed", 2) == "with --seed 2"
 
 
 def test_resume_may_run_a_stage_longer_and_move_the_data(interrupted_run, demo_root, tmp_path):
@@ -692,16 +694,16 @@ def test_selection_prefers_kept_epochs_then_the_smoothed_own_metric():
 
 
 def test_scale_jitter_flags():
-    defaults = train.parse_args([])
+    defaults = options.parse_args([])
     assert (defaults.seg_scale_jitter, defaults.det_scale_jitter, defaults.cls_scale_jitter) == (None, (0.5, 1.5), None)
-    assert train.parse_args(["--det_scale_jitter", "off"]).det_scale_jitter is None
-    assert train.parse_args(["--cls_scale_jitter", "0.8,1.25"]).cls_scale_jitter == (0.8, 1.25)
+    assert options.parse_args(["--det_scale_jitter", "off"]).det_scale_jitter is None
+    assert options.parse_args(["--cls_scale_jitter", "0.8,1.25"]).cls_scale_jitter == (0.8, 1.25)
 
 
 @pytest.mark.parametrize("task", ["seg", "det", "cls"])
 def test_each_train_set_gets_its_own_scale_jitter_flag(demo_root, task):
     def zoom_of(train_task, flags):
-        args = train.parse_args(["--data_root", str(demo_root), "--img_size", "64", *flags])
+        args = options.parse_args(["--data_root", str(demo_root), "--img_size", "64", *flags])
         ops = train.build_train_set(train_task, args).augment.transforms
         return [op.scale for op in ops if isinstance(op, v2.RandomAffine)]
 
@@ -712,9 +714,9 @@ def test_each_train_set_gets_its_own_scale_jitter_flag(demo_root, task):
 
 
 def test_det_mosaic_reaches_only_the_detection_train_set(demo_root):
-    args = train.parse_args(["--data_root", str(demo_root), "--img_size", "64", "--det_mosaic", "0.5"])
+    args = options.parse_args(["--data_root", str(demo_root), "--img_size", "64", "--det_mosaic", "0.5"])
     assert train.build_train_set("det", args).mosaic == 0.5
-    assert train.parse_args([]).det_mosaic == 0.0  # off by default
+    assert options.parse_args([]).det_mosaic == 0.0  # off by default
     assert not hasattr(train.build_train_set("seg", args), "mosaic")
 
 
@@ -830,11 +832,11 @@ def test_replay_batches_do_not_move_the_primary_heads_batchnorm():
     teacher = copy.deepcopy(model).eval()
     images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
     target = [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "labels": torch.tensor([1]), "iscrowd": torch.tensor([0])}] * 2
-    args = train.parse_args(["--distill_seg_new_images", "0", "--distill_det_new_images", "0", "--distill_backbone_probe", "0"])
+    args = options.parse_args(["--distill_seg_new_images", "0", "--distill_det_new_images", "0", "--distill_backbone_probe", "0"])
     means = []
     for banks in ({}, {"seg": FixedBank(teacher, torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8))}):
         student = copy.deepcopy(model)
-        train.parameter_groups(student, ["det"], ["seg"], train.LR_FACTORS[2], 1e-3)
+        train.parameter_groups(student, ["det"], ["seg"], options.LR_FACTORS[2], 1e-3)
         train.set_train_mode(student, "det", ["seg"])
         train.train_one_epoch(student, [{"det": (images, target, None)}], banks,
                               torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=0.0),
@@ -868,7 +870,7 @@ def test_replay_feature_mse_uses_its_own_weight():
     bank = FixedBank(teacher, replay, keys=("det", "feat"))
     with torch.no_grad():
         expected = F.mse_loss(model(model.prepare_input(replay))["feat"], bank.outputs["feat"]).item()
-    args = train.parse_args(["--distill_weight_det_logits", "3", "--distill_weight_det_feature", "1",
+    args = options.parse_args(["--distill_weight_det_logits", "3", "--distill_weight_det_feature", "1",
                              "--distill_seg_new_images", "0", "--distill_det_new_images", "0"])
     images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
     losses = train.train_one_epoch(model, [{"cls": (images, torch.tensor([1, 2]), None)}], {"det": bank},
