@@ -41,7 +41,7 @@ import torch
 
 import options
 import train
-from datasets import DataError, build_dataset
+from datasets import DataError, build_dataset, make_loader
 from metrics import evaluate
 from models import PretrainedWeightsError, UnifiedMultiTaskModel, input_size, pick_device
 from replay import ReplayBank
@@ -131,7 +131,7 @@ def time_stage_epoch(stage, mode, args, device, data_cache):
     optimizer = torch.optim.AdamW(train.parameter_groups(model, [primary], learned, factors, 1e-4))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     train.set_train_mode(model, primary, learned)
-    loader = train.make_loader(data[primary], args.batch_size, shuffle=True, pin_memory=device.type == "cuda")
+    loader = make_loader(data[primary], args.batch_size, shuffle=True, pin_memory=device.type == "cuda")
     steps = args.steps or len(loader)
 
     def run(n):
