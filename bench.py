@@ -43,7 +43,7 @@ import options
 import train
 from datasets import DataError, build_dataset, make_loader
 from metrics import evaluate
-from models import PretrainedWeightsError, UnifiedMultiTaskModel, input_size, pick_device
+from models import BACKBONES, PretrainedWeightsError, UnifiedMultiTaskModel, input_size, pick_device
 from replay import ReplayBank
 from tasks import STAGES, TASKS
 
@@ -62,11 +62,15 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=options.HelpWithDefaults)
     p.add_argument("--data_root", default="DL_data", help="folder of the three datasets")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--backbone", default="efficientnet_lite0", help="as train.py's --backbone")
+    p.add_argument("--backbone", default="efficientnet_lite0", choices=BACKBONES,
+                   help="the backbone timed (lite0: its weights come with its package; train.py defaults to b0)")
     p.add_argument("--img_size", type=input_size, default=None,
                    help="input size of every task (default: train.py's size of each task)")
-    p.add_argument("--batch_size", type=int, default=32, help="images of the stage's own task per step")
-    p.add_argument("--replay_batch_size", type=int, default=8, help="images of each earlier task replayed per step")
+    train_defaults = options.build_parser()
+    p.add_argument("--batch_size", type=int, default=train_defaults.get_default("batch_size"),
+                   help="images of the stage's own task per step")
+    p.add_argument("--replay_batch_size", type=int, default=train_defaults.get_default("replay_batch_size"),
+                   help="images of each earlier task replayed per step")
     p.add_argument("--stages", default="3", help="comma list of stages to time (1, 2, 3); stage 3 gives speedup=")
     p.add_argument("--modes", default="baseline,default", help=f"comma list of {', '.join(MODES)}")
     p.add_argument("--steps", type=int, default=None, help="time only this many steps per epoch (default: all)")
@@ -128,6 +132,7 @@ def time_stage_epoch(stage, mode, args, device, data_cache):
     factors = dict(options.LR_FACTORS[stage])
     if stage > 1 and backbone_factor is not None:
         options.set_factor(factors, "backbone", backbone_factor)
+    # the base LR does not change the time of a step (a factor of 0 freezes whatever the base)
     optimizer = torch.optim.AdamW(train.parameter_groups(model, [primary], learned, factors, 1e-4))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     train.set_train_mode(model, primary, learned)

@@ -24,7 +24,8 @@ def save_atomic(obj, path):
 
 def append_log_record(out_dir, record):
     """One line of training_log.jsonl: an epoch's record, or the blend a stage kept instead
-    (its "kept_blend" the share of the stage's weights, its "epoch" the epoch blended)."""
+    (its "kept_blend" the share of the stage's weights, its "epoch" the epoch blended); the
+    fields are filled in by train.run_stage."""
     with open(Path(out_dir) / "training_log.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
 
@@ -89,13 +90,14 @@ def start_from_checkpoint(path, out_dir, model, args):
 
 
 # A resumed run may move (data, outputs, device) and run its stages longer; every other flag is
-# part of the recipe and must be the first run's. The weights come from last.pt, so --no-pretrained
-# need not be repeated (the first run's is used); sizes and factor tables are compared as the
-# tables they become.
-RESUME_MAY_CHANGE = {"data_root", "out_dir", "device", "workers", "epochs_seg", "epochs_det", "epochs_cls",
-                     "resume", "start_from", "stop_after_epochs", "demo", "pretrained",
-                     "img_size", "img_size_seg", "img_size_det", "img_size_cls", "img_sizes", "lr_factor",
-                     "lr_factors", "backbone"}
+# part of the recipe and must be the first run's.
+RESUME_MAY_CHANGE = {"data_root", "out_dir", "device", "workers", "epochs_seg", "epochs_det", "epochs_cls"}
+# How this invocation starts (not the recipe), and what resume_state checks on its own: the backbone
+# and input sizes, and the factor tables, as the values they become; --no-pretrained need not be
+# repeated, the first run's is taken from last.pt.
+NOT_COMPARED_FLAG_BY_FLAG = {"resume", "start_from", "stop_after_epochs", "demo", "pretrained", "backbone",
+                             "img_size", "img_size_seg", "img_size_det", "img_size_cls", "img_sizes",
+                             "lr_factor", "lr_factors"}
 # What runs did before a flag existed, where the flag's default changed the recipe; a flag
 # missing from an older run and not named here was added with the old behaviour as its default.
 BEFORE_THE_FLAGS = {"lr_schedule": "plateau", "ema_decay": 0.0, "distill_seg_new_images": {2: 0.0, 3: 0.0},
@@ -134,7 +136,7 @@ def resume_state(out_dir, model, args):
                 raise ValueError(f"--resume: {path} was trained with --lr_factor {stage} {module} {factor:g}; "
                                  "pass the same flag")
     for flag, value in vars(args).items():
-        if flag not in RESUME_MAY_CHANGE:
+        if flag not in RESUME_MAY_CHANGE | NOT_COMPARED_FLAG_BY_FLAG:
             saved = saved_args.get(flag, BEFORE_THE_FLAGS.get(flag, value))
             if saved != value:
                 raise ValueError(f"--resume: {path} was trained {as_flag(flag, saved)}; pass the same flags")

@@ -149,8 +149,9 @@ class TaskDataset(Dataset):
     task = None
 
     def __init__(self, img_size, train, cache=True, augment=None):
+        # augment: the transform applied at every access; None gives train_augmentation's default
+        # to training sets (`train`) and nothing to the others
         self.img_size = img_size
-        self.train = train
         self.augment = augment if augment is not None else (train_augmentation(self.task) if train else None)
         self.cache = cache
         self._resized = None
@@ -162,9 +163,8 @@ class TaskDataset(Dataset):
 
     def resized(self, i):
         image, target = self.load(i)
-        size = image.shape[-2:]
         image = TF.resize(image, [self.img_size] * 2, antialias=True)
-        return image, self.resize_target(target, size)
+        return image, self.resize_target(target)
 
     def __getitem__(self, i):
         image, target = self._resized[i] if self._resized is not None else self.resized(i)
@@ -203,7 +203,7 @@ class VOCSegmentation(TaskDataset):
         image = read_image(self.root / "JPEGImages" / f"{self.ids[i]}.jpg")
         return image, read_mask(self.root / "SegmentationClass" / f"{self.ids[i]}.png", image.shape[-2:])
 
-    def resize_target(self, mask, size):
+    def resize_target(self, mask):
         mask = TF.resize(mask[None], [self.img_size] * 2, interpolation=v2.InterpolationMode.NEAREST)[0]
         return tv_tensors.Mask(mask)
 
@@ -291,7 +291,7 @@ class COCODetection(TaskDataset):
         boxes = tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=tuple(image.shape[-2:]))
         return image, {"boxes": boxes, "labels": labels, "iscrowd": iscrowd}
 
-    def resize_target(self, target, size):
+    def resize_target(self, target):
         boxes = TF.resize(target["boxes"], [self.img_size] * 2)
         return {**target, "boxes": boxes}
 
@@ -330,7 +330,7 @@ class ImagenetteClassification(TaskDataset):
         path, label = self.samples[i]
         return read_image(path), label
 
-    def resize_target(self, label, size):
+    def resize_target(self, label):
         return label
 
     def eval_target(self, i):
@@ -370,7 +370,7 @@ def main(argv=None):
     parser.add_argument("--data_root", default="DL_data")
     parser.add_argument("--img_size", type=int, default=64, help="resize used while checking (small = fast)")
     parser.add_argument("--make-demo", "--make_demo", dest="make_demo", metavar="DIR",
-                        help="write the tiny demo dataset to DIR")
+                        help="write the demo dataset (the one train.py --demo trains on) to DIR")
     args = parser.parse_args(argv)
     if args.make_demo:
         from demo_data import make_demo

@@ -1,7 +1,7 @@
 """Tiny synthetic data in the exact DL_data layout, so the whole pipeline (and the
 tests) can run in minutes without the real images.
 
-    python demo_data.py DIR [--n_train 12 --n_val 6 --seed 0]
+    python demo_data.py DIR [--n_train 48 --n_val 24 --seed 0]   # the counts train.py --demo uses
 
 Every picture is a noisy grey background with coloured shapes whose colour (and
 shape) depends on the class, so a model can really learn something from it.
@@ -168,7 +168,7 @@ TASK_DIRS = ('imagenette-160', 'mini_coco_det', 'mini_voc_seg')
 MARKER = '.onehead_demo'  # written beside the data: this folder holds generated data only
 
 
-def make_demo(root, n_train=12, n_val=6, seed=0):
+def make_demo(root, n_train=48, n_val=24, seed=0):
     """Write the three demo datasets under root; return root. A folder demo data was written to
     before is rewritten from scratch (no image of an earlier, larger set stays behind); one that
     holds dataset folders without the marker, real data perhaps, is refused (FileExistsError)."""
@@ -191,8 +191,8 @@ def make_demo(root, n_train=12, n_val=6, seed=0):
 if __name__ == '__main__':
     parser = argparse.ArgumentParser(description='Write a tiny synthetic DL_data-style dataset.')
     parser.add_argument('root', help='output folder (use it as --data_root)')
-    parser.add_argument('--n_train', type=int, default=12)
-    parser.add_argument('--n_val', type=int, default=6)
+    parser.add_argument('--n_train', type=int, default=48)
+    parser.add_argument('--n_val', type=int, default=24)
     parser.add_argument('--seed', type=int, default=0)
     args = parser.parse_args()
     try:

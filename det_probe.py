@@ -49,7 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=60, help="passes over the training images (one view each)")
     p.add_argument("--eval_every", type=int, default=10, help="epochs between two val (and train-view) scores")
     p.add_argument("--batch_size", type=int, default=32, help="cached views per step")
-    p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (train.py's --lr_det)")
+    p.add_argument("--lr", type=float, default=build_parser().get_default("lr_det"),
+                   help="AdamW learning rate (train.py's --lr_det)")
     p.add_argument("--weight_decay", type=float, default=1e-4, help="AdamW weight decay")
     p.add_argument("--img_size", type=input_size, help="input size (default: the checkpoint's detection size)")
     p.add_argument("--seed", type=int, default=0, help="the views' augmentation, the fresh layers, the shuffling")

@@ -17,7 +17,9 @@ from detection import detection_loss
 def task_loss(task, outputs, targets, options=None):
     """Returns (loss, parts): parts maps names to detached scalars for the log.
     options: the task's loss settings: for det the keyword arguments of detection_loss
-    (assignment mode, objectness target), for seg {"dice_weight": w}, for cls {"label_smoothing": eps}."""
+    (assignment mode, objectness target), for seg {"dice_weight": w}, for cls {"label_smoothing": eps}.
+    A part named after the task is its whole loss (seg: cross-entropy + w x Dice; seg_dice is the
+    unweighted Dice term alone)."""
     options = options or {}
     if task == "seg":
         logits = outputs["seg"].float()  # once: under autocast a full-size copy

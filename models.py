@@ -9,7 +9,8 @@
                cls global average pool + Linear
 
 The model owns its input normalisation (each backbone has its own mean/std), so
-datasets hand it plain images in [0, 1] and a checkpoint always normalises correctly.
+datasets hand it uint8 images (prepare_input scales them to [0, 1], forward normalises) and a
+checkpoint always normalises correctly.
 
     python models.py [--backbone efficientnet_lite0] [--no-pretrained]
 """

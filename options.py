@@ -2,7 +2,8 @@
 module in every stage, each task's input size, the distillation weights, the demo's settings.
 
 joint.py takes the subset that applies to training the tasks together (build_parser(...,
-sequential=False)); bench.py, eval.py and the other scripts reuse the parser's pieces.
+sequential=False)); bench.py and det_probe.py read train.py's defaults from it; eval.py,
+probe.py and log_report.py borrow its help formatter.
 """
 import argparse
 

@@ -45,8 +45,9 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 import tasks  # noqa: E402
 
-# stage -> (task, title, metric), in the training order of tasks.STAGES
-STAGES = {stage: (task, tasks.TASK_NAMES[task].capitalize(), tasks.PRIMARY_METRIC[task]) for stage, task in tasks.STAGES}
+# What each stage's figure shows, stage -> (task, title, metric), in the training order of tasks.STAGES
+STAGE_PLOTS = {stage: (task, tasks.TASK_NAMES[task].capitalize(), tasks.PRIMARY_METRIC[task])
+               for stage, task in tasks.STAGES}
 EXTRA_METRICS = {"mIoU": ["mIoU_fg"]}  # auxiliary curves drawn on a task's panel
 EXTRA_LABELS = {"mIoU_fg": "mIoU_fg (foreground classes only)"}
 COLORS = {"mIoU": "tab:blue", "mAP_50": "tab:orange", "top1": "tab:green"}
@@ -97,7 +98,7 @@ def load_log(path):
         joint = isinstance(rec, dict) and is_joint(rec)
         if not isinstance(rec, dict) or not (joint or "stage" in rec):
             raise LogError(f'{where}: expected a JSON object with a "stage" key (or "task": "joint")')
-        if not joint and rec["stage"] not in STAGES:
+        if not joint and rec["stage"] not in STAGE_PLOTS:
             raise LogError(f"{where}: unknown stage {rec['stage']!r} (expected 1, 2 or 3)")
         if not isinstance(rec.get("epoch"), int):
             raise LogError(f'{where}: expected an integer "epoch"')
@@ -166,8 +167,8 @@ def unfinished(recs):
 def plot_stage(stage, recs, path):
     """One stage: its losses, the metric of every task seen so far (the earlier tasks'
     baselines and 5% drop lines drawn), lr."""
-    task, title, _ = STAGES[stage]
-    metrics = [STAGES[s][2] for s in STAGES if s <= stage]
+    task, title, _ = STAGE_PLOTS[stage]
+    metrics = [STAGE_PLOTS[s][2] for s in STAGE_PLOTS if s <= stage]
     kept, _ = kept_record(recs)
     baselines = {m: b for m, b in (kept.get("baselines") or {}).items() if m in metrics[:-1]}
     plot_epochs(recs, f"Stage {stage}: {title} ({task})", metrics, baselines, path)
@@ -176,8 +177,8 @@ def plot_stage(stage, recs, path):
 def plot_joint(recs, path):
     """A joint.py run: its losses, the metric of every task it trains, lr; no baselines."""
     # joint.py logs before 2026-11-25 do not name their tasks: those whose metric they hold
-    trained = recs[-1].get("tasks") or [task for task, _, metric in STAGES.values() if any(metric in r for r in recs)]
-    metrics = [metric for task, _, metric in STAGES.values() if task in trained]
+    trained = recs[-1].get("tasks") or [task for task, _, metric in STAGE_PLOTS.values() if any(metric in r for r in recs)]
+    metrics = [metric for task, _, metric in STAGE_PLOTS.values() if task in trained]
     plot_epochs(recs, f"Joint training ({', '.join(trained)})", metrics, {}, path)
 
 
@@ -255,12 +256,12 @@ def plot_summary(by_stage, path):
     baselines = {}
     for s in stages:
         baselines.update(kept_record(by_stage[s])[0].get("baselines") or {})
-    own_stages = [s for s in STAGES if s <= stages[-1]]  # the stage of every task seen so far
+    own_stages = [s for s in STAGE_PLOTS if s <= stages[-1]]  # the stage of every task seen so far
 
     fig, axes = plt.subplots(1, len(own_stages), figsize=(4.5 * len(own_stages), 4), squeeze=False)
     fig.suptitle("Forgetting: score at each stage's kept checkpoint")
     for ax, own_stage in zip(axes[0], own_stages):
-        _, title, m = STAGES[own_stage]
+        _, title, m = STAGE_PLOTS[own_stage]
         xs = [s for s in stages if s >= own_stage]
         ys = [value(kept_record(by_stage[s])[0], m) for s in xs]
         base = baselines.get(m, ys[0])
@@ -277,9 +278,9 @@ def plot_summary(by_stage, path):
             ax.annotate(f"{y:.4g}\ndrop {drop:.2f}%", (x, y), textcoords="offset points",
                         xytext=(0, 9), ha="center", fontsize=8,
                         bbox=dict(fc="white", ec="none", alpha=0.8, pad=1))
-        ax.set_xticks(list(STAGES), [f"after stage {s}\n({STAGES[s][0]})"
-                                     + ("\nunfinished" if s in by_stage and unfinished(by_stage[s]) else "")
-                                     for s in STAGES])
+        ax.set_xticks(list(STAGE_PLOTS), [f"after stage {s}\n({STAGE_PLOTS[s][0]})"
+                                          + ("\nunfinished" if s in by_stage and unfinished(by_stage[s]) else "")
+                                          for s in STAGE_PLOTS])
         ax.set_xlim(0.5, 3.5)
         ax.margins(y=0.3)
         ax.set_title(f"{title} ({m})")
@@ -318,7 +319,7 @@ def main(argv=None):
     by_stage = group_by_stage(records)
     written = []
     for stage, recs in sorted(by_stage.items()):
-        path = os.path.join(args.out_dir, f"stage{stage}_{STAGES[stage][1].lower()}_metrics.png")
+        path = os.path.join(args.out_dir, f"stage{stage}_{STAGE_PLOTS[stage][1].lower()}_metrics.png")
         plot_stage(stage, recs, path)
         written.append(path)
     path = os.path.join(args.out_dir, "forgetting_summary.png")

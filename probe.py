@@ -23,12 +23,15 @@ from eval import load_model
 from models import PretrainedWeightsError, imagenet_classifier, input_size, pick_device
 from options import HelpWithDefaults
 
+PROBE_WEIGHT_DECAY = 1e-2  # the L2 weight of every linear probe here and of train.py's backbone probe
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpWithDefaults)
     p.add_argument("--weights", required=True, help="a checkpoint written by train.py")
     p.add_argument("--data_root", default="DL_data", help="folder of the three datasets")
-    p.add_argument("--weight_decay", type=float, default=1e-2, help="L2 weight of the logistic regression")
+    p.add_argument("--weight_decay", type=float, default=PROBE_WEIGHT_DECAY,
+                   help="L2 weight of the logistic regression")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--img_size", type=input_size, help="input size of the classification images (default: the checkpoint's)")
     return p.parse_args(argv)

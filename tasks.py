@@ -1,6 +1,6 @@
 """The three tasks, the order they are learned in, and the forgetting rule: one place for
 train.py, eval.py and the report tools (no torch here, so plot_log.py and summarize.py start
-fast). Changing the order of the tasks starts at STAGES (README, "Where to change one idea")."""
+fast). Changing the order of the tasks starts at STAGES (README, "Changing one idea")."""
 
 TASKS = ("seg", "det", "cls")
 TASK_NAMES = {"seg": "segmentation", "det": "detection", "cls": "classification"}

@@ -74,7 +74,10 @@ def keep_freed_memory(enabled=True):
     """Linux/glibc: keep freed memory in the process instead of handing every block over 32 MiB
     back to the OS, which made each CPU step page-fault its activations in again (a 320-px
     training epoch ran 1.13-1.18x faster with this on a 2-core CPU; bench.py, RESULTS.md). Speed
-    only, results are unchanged. `enabled=False` restores glibc's own limits (for bench.py).
+    only, results are unchanged. `enabled=False` (for bench.py) sets the ceilings glibc's own
+    dynamic thresholds grow to on 64-bit (mmap 32 MiB, trim 64 MiB, no top pad); a fresh process
+    starts lower, but once mallopt sets a value glibc no longer adjusts it, so this is as close
+    as a running process gets.
     Returns whether glibc took all three settings; False (nothing changed) where the C library
     is not glibc."""
     try:
@@ -189,6 +192,26 @@ def setup_logging(out_dir):
 
 
 # ----------------------------------------------------------------------------- one stage
+def new_images_terms(outputs, teacher_outputs, seg_weight, det_weight, backbone_probe, args):
+    """The earlier tasks, and the backbone's probe, distilled on the new task's own batch (what is
+    on: new_images_distillation), as (log name, weighted loss) pairs: segmentation's KL,
+    detection's output MSE (not the feature MSE), the classification output's KL toward the
+    probe's logits on the teacher's pooled backbone features."""
+    terms = []
+    if seg_weight > 0:
+        seg_loss, _ = distillation_loss("seg", outputs, teacher_outputs, {"seg": seg_weight}, args.distill_temp)
+        terms.append(("distill_seg_new", seg_loss))
+    if det_weight > 0:
+        det_loss, _ = distillation_loss("det", outputs, teacher_outputs, {"det_logits": det_weight, "det_feature": 0.0},
+                                        args.distill_temp)
+        terms.append(("distill_det_new", det_loss))
+    if backbone_probe is not None:
+        probe_logits = backbone_probe(teacher_outputs["backbone_pooled"])
+        probe_loss = kl_with_temperature(outputs["cls"], probe_logits, args.distill_temp)
+        terms.append(("distill_probe", args.distill_backbone_probe * probe_loss))
+    return terms
+
+
 def train_one_epoch(model, batches, replay_banks, optimizer, scaler, args, device, amp_dtype, weight_average=None,
                     teacher=None, seg_new_images_weight=0.0, det_new_images_weight=0.0, backbone_probe=None):
     """One optimiser step per item of `batches`, a dict {task: (images, targets, indices)}: the
@@ -224,23 +247,11 @@ def train_one_epoch(model, batches, replay_banks, optimizer, scaler, args, devic
                 loss, loss_parts = task_loss(task, outputs, targets, loss_options[task])
                 if teacher is not None and (seg_new_images_weight > 0 or det_new_images_weight > 0
                                             or backbone_probe is not None):
-                    # earlier tasks (and the backbone's probe) distilled on this batch's images too
                     with torch.no_grad():
                         teacher_outputs = teacher(inputs)
-                    if seg_new_images_weight > 0:  # seg KL
-                        seg_loss, _ = distillation_loss("seg", outputs, teacher_outputs,
-                                                        {"seg": seg_new_images_weight}, args.distill_temp)
-                        loss, loss_parts = loss + seg_loss, {**loss_parts, "distill_seg_new": seg_loss.detach()}
-                    if det_new_images_weight > 0:  # det output MSE (not the feature MSE)
-                        det_loss, _ = distillation_loss("det", outputs, teacher_outputs,
-                                                        {"det_logits": det_new_images_weight, "det_feature": 0.0},
-                                                        args.distill_temp)
-                        loss, loss_parts = loss + det_loss, {**loss_parts, "distill_det_new": det_loss.detach()}
-                    if backbone_probe is not None:  # cls KL toward the backbone's linear probe
-                        probe_logits = backbone_probe(teacher_outputs["backbone_pooled"])
-                        probe_loss = args.distill_backbone_probe * kl_with_temperature(
-                            outputs["cls"], probe_logits, args.distill_temp)
-                        loss, loss_parts = loss + probe_loss, {**loss_parts, "distill_probe": probe_loss.detach()}
+                    for name, term in new_images_terms(outputs, teacher_outputs, seg_new_images_weight,
+                                                       det_new_images_weight, backbone_probe, args):
+                        loss, loss_parts = loss + term, {**loss_parts, name: term.detach()}
             scaler.scale(loss).backward()
             total = total + loss.detach()
             parts.update(loss_parts)
@@ -273,13 +284,13 @@ def fit_backbone_probe(teacher, dataset, amp_dtype, log):
     training images (each plain and flipped, as a replay bank holds them): the backbone separates
     the classes far better than the shared convs do (probe.py), so its probe can teach the
     classification output."""
-    from probe import fit_linear_probe  # probe.py imports train.py: imported here, not at the top
+    from probe import PROBE_WEIGHT_DECAY, fit_linear_probe  # probe.py imports eval.py, which imports train.py: not at the top
 
     bank = ReplayBank(dataset, teacher, torch.Generator(), amp_dtype=amp_dtype, keys=("backbone_pooled",))
     features = bank.teacher_outputs["backbone_pooled"].flatten(0, 1)  # (N, 2, 1280) -> (2N, 1280), on the device
     labels = torch.tensor([dataset.eval_target(i) for i in range(len(dataset))], device=features.device)
     labels = labels.repeat_interleave(2)
-    probe = fit_linear_probe(features, labels, len(dataset.class_names), weight_decay=1e-2)
+    probe = fit_linear_probe(features, labels, len(dataset.class_names), weight_decay=PROBE_WEIGHT_DECAY)
     accuracy = (probe(features).argmax(1) == labels).float().mean().item()
     log.info(f"backbone probe fitted on {len(labels)} classification views: train Top-1 {accuracy:.4f}")
     return probe
@@ -439,7 +450,7 @@ def run_stage(stage, primary, model, data, state, args, device, log):
         step_scheduler(scheduler, own)  # after reading the LR: the log has the one this epoch trained with
         state["recent_scores"] = (state.get("recent_scores", []) + [own])[-args.select_window:]
         key = selection_key(metrics, primary, state["baselines"], state["recent_scores"])
-        is_best = best_key is None or tuple(key) > tuple(best_key)
+        is_best = best_key is None or key > best_key
         if is_best:
             best_key = key
             baselines = {**state["baselines"], PRIMARY_METRIC[primary]: own}
@@ -511,26 +522,26 @@ def check_imagenet_backbone_probe(args, cls_train_set):
 
 
 def build_model(args, device, channels_last=True, imagenet_weights=True):
-    """imagenet_weights=False: the weights will come from a checkpoint, so --pretrained's file is
-    not read (an offline B0 run can resume)."""
+    """imagenet_weights=False: the weights will come from a checkpoint, so the ImageNet weights
+    file is not read (an offline B0 run can resume)."""
     model = UnifiedMultiTaskModel(args.backbone, pretrained=args.pretrained and imagenet_weights).to(device)
     return model.use_channels_last() if channels_last else model
 
 
 def write_demo_data(out_dir):
-    """--demo's data (the other flags: DEMO_SETTINGS): generated into OUT_DIR/demo_data, beside the
-    run it trains, so eval.py can score the run again (--data_root demo_out/demo_data)."""
+    """--demo's data (make_demo's 48 training and 24 val images per task; the other flags:
+    DEMO_SETTINGS): generated into OUT_DIR/demo_data, beside the run it trains, so eval.py can
+    score the run again (--data_root demo_out/demo_data)."""
     from demo_data import make_demo
 
-    return str(make_demo(out_dir / "demo_data", n_train=48, n_val=24))
-
+    return str(make_demo(out_dir / "demo_data"))
 
 
 def main(argv=None):
     args = parse_args(argv, build_parser(__doc__.split("\n\n")[0]))
     if args.demo and args.out_dir == ".":
         args.out_dir = "demo_out"
-    if args.baseline_mode:  # the reference's recipe, executed the straightforward way
+    if args.baseline_mode:  # this recipe run the straightforward way (--help lists what changes)
         args.amp = "off"
         for stage in (2, 3):
             set_factor(args.lr_factors[stage], "backbone", REFERENCE_BACKBONE_FACTOR)

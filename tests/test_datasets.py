@@ -50,7 +50,7 @@ def check_image(image):
 def test_seg_samples(demo_root, split):
     ds = build_dataset("seg", demo_root, split, img_size=S)
     assert len(ds) == DEMO_COUNTS["seg", split]
-    assert ds.train == (split == "train")
+    assert (ds.augment is not None) == (split == "train")  # training images are augmented by default
     for i in range(len(ds)):
         image, mask, index = ds[i]
         assert index == i

@@ -12,7 +12,7 @@ STAGE_PNGS = ["stage1_segmentation_metrics.png", "stage2_detection_metrics.png",
 
 
 def record(stage, epoch, best, **metrics):
-    task, _, metric = plot_log.STAGES[stage]
+    task, _, metric = plot_log.STAGE_PLOTS[stage]
     losses = {"total": 1.0 / epoch, task: 0.8 / epoch}
     if stage > 1:
         losses["distill_seg"] = 0.05
@@ -129,7 +129,7 @@ def test_a_joint_log_gives_one_figure_of_the_tasks_it_trained(tmp_path, capsys, 
     assert plot_log.main(["--log", str(log), "--out_dir", str(out)]) == [str(out / "joint_metrics.png")]
     assert [p.name for p in out.iterdir()] == ["joint_metrics.png"]
     assert_png(out / "joint_metrics.png")
-    expected = [plot_log.STAGES[s][2] for s in plot_log.STAGES if plot_log.STAGES[s][0] in tasks]
+    expected = [plot_log.STAGE_PLOTS[s][2] for s in plot_log.STAGE_PLOTS if plot_log.STAGE_PLOTS[s][0] in tasks]
     assert drawn == {"metrics": expected, "baselines": {}, "epochs": [1, 2, 3]}
 
 
