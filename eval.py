@@ -26,7 +26,6 @@ from options import HelpWithDefaults, describe_sizes
 from tasks import MAX_DROP_PERCENT, PRIMARY_METRIC, STAGES, TASKS, drop_percent
 from train import blend_toward_teacher
 
-
 BASELINE_FLAGS = {"seg": "base_miou", "det": "base_map", "cls": "base_top1"}
 
 
@@ -44,7 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--img_size", type=input_size, help="input size of every task (default: each task's size in the checkpoint)")
     p.add_argument("--bootstrap", type=int, default=0, metavar="N",
-                   help="also print a 95%% interval of each score from N resamples of the scored images (--split; e.g. 200)")
+                   help="also print a 95%% interval of each score from N resamples of the scored images "
+                        "(--split; e.g. 200)")
     p.add_argument("--blend_with", metavar="CKPT",
                    help="score a blend of --weights with this earlier checkpoint (e.g. the stage before), as "
                         "train.py --blend_steps tries them; needs --blend")

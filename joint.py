@@ -126,8 +126,8 @@ def main(argv=None):
         is_best = best_score is None or score > best_score
         if is_best:
             best_score = score
-            checkpoints.save_atomic(checkpoints.checkpoint_dict(scored, args, data["class_names"], {}, "joint", epoch, metrics),
-                              out_dir / CHECKPOINT_NAME)
+            checkpoint = checkpoints.checkpoint_dict(scored, args, data["class_names"], {}, "joint", epoch, metrics)
+            checkpoints.save_atomic(checkpoint, out_dir / CHECKPOINT_NAME)
         record = {"task": "joint", "tasks": tasks, "epoch": epoch, "epochs": args.epochs, "lr": lr, "losses": losses,
                   **metrics, "mean_score": score, "best": is_best, "time_s": round(time.time() - started, 2)}
         with open(out_dir / "joint_log.jsonl", "a") as f:

@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 
 from checkpoints import CHECKPOINT_NAMES
+from options import HelpWithDefaults
 from plot_log import LogError, epoch_records, group_by_stage, is_joint, kept_record, load_log, log_file, unfinished
 from tasks import PRIMARY_METRIC, drop_percent, within_max_drop
-from options import HelpWithDefaults
 from train import selection_key
 
 
