@@ -618,6 +618,15 @@ def test_resume_with_another_recipe_flag_is_a_clear_error(interrupted_run, demo_
     assert f"{flag} {saved}" in str(exit_info.value)
 
 
+@pytest.mark.parametrize("flags", [["--img_size_det", "96"], ["--backbone", "efficientnet_b0"]])
+def test_resume_with_another_backbone_or_input_size_is_a_clear_error(interrupted_run, demo_root, tmp_path, flags):
+    # checked as what they become (the backbone, each task's size), not flag by flag
+    run = shutil.copytree(interrupted_run, tmp_path / "run")
+    with pytest.raises(SystemExit) as exit_info:
+        run_train(demo_root, run, "--resume", *flags)
+    assert "was trained with backbone efficientnet_lite0 and img_size 64; pass the same flags" in str(exit_info.value)
+
+
 def test_resume_error_writes_the_saved_flag_as_it_is_typed():
     assert checkpoints.as_flag("baseline_mode", True) == "with --baseline_mode"
     assert checkpoints.as_flag("seg_scale_jitter", None) == "without --seg_scale_jitter"
