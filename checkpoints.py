@@ -135,8 +135,9 @@ def resume_state(out_dir, model, args):
             if args.lr_factors[int(stage)].get(module) != factor:
                 raise ValueError(f"--resume: {path} was trained with --lr_factor {stage} {module} {factor:g}; "
                                  "pass the same flag")
+    not_compared = RESUME_MAY_CHANGE | NOT_COMPARED_FLAG_BY_FLAG
     for flag, value in vars(args).items():
-        if flag not in RESUME_MAY_CHANGE | NOT_COMPARED_FLAG_BY_FLAG:
+        if flag not in not_compared:
             saved = saved_args.get(flag, BEFORE_THE_FLAGS.get(flag, value))
             if saved != value:
                 raise ValueError(f"--resume: {path} was trained {as_flag(flag, saved)}; pass the same flags")

@@ -284,7 +284,8 @@ def fit_backbone_probe(teacher, dataset, amp_dtype, log):
     training images (each plain and flipped, as a replay bank holds them): the backbone separates
     the classes far better than the shared convs do (probe.py), so its probe can teach the
     classification output."""
-    from probe import PROBE_WEIGHT_DECAY, fit_linear_probe  # probe.py imports eval.py, which imports train.py: not at the top
+    # not at the top: probe.py imports eval.py, which imports train.py
+    from probe import PROBE_WEIGHT_DECAY, fit_linear_probe
 
     bank = ReplayBank(dataset, teacher, torch.Generator(), amp_dtype=amp_dtype, keys=("backbone_pooled",))
     features = bank.teacher_outputs["backbone_pooled"].flatten(0, 1)  # (N, 2, 1280) -> (2N, 1280), on the device
