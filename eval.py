@@ -21,10 +21,9 @@ from pathlib import Path
 from checkpoints import checkpoint_img_sizes, read_checkpoint
 from datasets import DataError, build_dataset
 from metrics import evaluate
-from models import UnifiedMultiTaskModel, input_size, pick_device
+from models import UnifiedMultiTaskModel, blend_toward_teacher, input_size, pick_device
 from options import HelpWithDefaults, describe_sizes
 from tasks import MAX_DROP_PERCENT, PRIMARY_METRIC, STAGES, TASKS, drop_percent
-from train import blend_toward_teacher
 
 BASELINE_FLAGS = {"seg": "base_miou", "det": "base_map", "cls": "base_top1"}
 

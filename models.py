@@ -269,6 +269,15 @@ def count_trainable_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def blend_toward_teacher(weights, teacher_weights, alpha, primary):
+    """alpha x the stage's weights + (1 - alpha) x the teacher's, for every float tensor
+    (BatchNorm statistics too) but the primary task's head, which the teacher never trained:
+    a weight-space ensemble of the model before and after the stage (WiSE-FT)."""
+    return {name: value if name.startswith(f"{primary}_head.") or not value.is_floating_point()
+            else torch.lerp(teacher_weights[name].to(value.device), value, alpha)
+            for name, value in weights.items()}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Build the model and print its trainable parameter count.")
     parser.add_argument("--backbone", default="efficientnet_b0", choices=BACKBONES)

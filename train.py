@@ -45,7 +45,7 @@ from datasets import (DataError, build_dataset, classification_batch_mixing, mak
                       train_augmentation)
 from losses import distillation_loss, kl_with_temperature, task_loss
 from metrics import evaluate
-from models import (PretrainedWeightsError, UnifiedMultiTaskModel, count_trainable_parameters,
+from models import (PretrainedWeightsError, UnifiedMultiTaskModel, blend_toward_teacher, count_trainable_parameters,
                     imagenet_classifier, imagenet_rows, pick_device)
 from options import REFERENCE_BACKBONE_FACTOR, build_parser, describe_sizes, parse_args, set_factor
 from replay import ReplayBank
@@ -309,15 +309,6 @@ def imagenet_backbone_probe(backbone, dataset, device, log):
 def scores_line(metrics):
     """The scalar val scores of `metrics` as one log line: mIoU=0.5123 mAP_50=0.0612 ..."""
     return " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-
-
-def blend_toward_teacher(weights, teacher_weights, alpha, primary):
-    """alpha x the stage's weights + (1 - alpha) x the teacher's, for every float tensor
-    (BatchNorm statistics too) but the primary task's head, which the teacher never trained:
-    a weight-space ensemble of the model before and after the stage (WiSE-FT)."""
-    return {name: value if name.startswith(f"{primary}_head.") or not value.is_floating_point()
-            else torch.lerp(teacher_weights[name].to(value.device), value, alpha)
-            for name, value in weights.items()}
 
 
 def blend_until_within(model, teacher, primary, baselines, steps, score, log):

@@ -742,7 +742,7 @@ def test_blending_toward_the_teacher_mixes_every_float_tensor_but_the_primary_he
         UnifiedMultiTaskModel("efficientnet_lite0", pretrained=False)
     weights, teacher_weights = student.state_dict(), teacher.state_dict()
     for alpha in (1.0, 0.0, 0.25):
-        blended = train.blend_toward_teacher(weights, teacher_weights, alpha, "cls")
+        blended = models.blend_toward_teacher(weights, teacher_weights, alpha, "cls")
         for name, value in blended.items():
             if name.startswith("cls_head.") or not value.is_floating_point():
                 assert torch.equal(value, weights[name]), name
