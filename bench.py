@@ -66,11 +66,12 @@ def parse_args(argv=None):
                    help="the backbone timed (lite0: its weights come with its package; train.py defaults to b0)")
     p.add_argument("--img_size", type=input_size, default=None,
                    help="input size of every task (default: train.py's size of each task)")
-    train_defaults = options.build_parser()
-    p.add_argument("--batch_size", type=int, default=train_defaults.get_default("batch_size"),
-                   help="images of the stage's own task per step")
-    p.add_argument("--replay_batch_size", type=int, default=train_defaults.get_default("replay_batch_size"),
-                   help="images of each earlier task replayed per step")
+    p.add_argument("--batch_size", type=int, nargs="+", metavar="N",
+                   help="images of the stage's own task per step, as train.py's flag: one value for every "
+                        "stage or three (default: train.py's, options.BATCH_SIZES)")
+    p.add_argument("--replay_batch_size", type=int, nargs="+", metavar="N",
+                   help="images of each earlier task replayed per step, as train.py's flag: one value for stages "
+                        "2 and 3 or two (default: train.py's, options.REPLAY_BATCH_SIZES)")
     p.add_argument("--stages", default="3", help="comma list of stages to time (1, 2, 3); stage 3 gives speedup=")
     p.add_argument("--modes", default="baseline,default", help=f"comma list of {', '.join(MODES)}")
     p.add_argument("--steps", type=int, default=None, help="time only this many steps per epoch (default: all)")
@@ -84,11 +85,14 @@ def parse_args(argv=None):
     unknown = [m for m in args.modes if m not in MODES]
     if unknown:
         p.error(f"--modes: unknown mode {unknown[0]!r}, expected some of {', '.join(MODES)}")
-    for name in ("batch_size", "replay_batch_size", "steps"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.steps is not None and args.steps < 1:
+        p.error(f"--steps must be at least 1, got {args.steps}")
     args.size_flags = [] if args.img_size is None else ["--img_size", str(args.img_size)]
-    args.img_sizes = options.parse_args(args.size_flags).img_sizes  # train.py's sizes unless --img_size
+    args.batch_flags = [word for name in ("batch_size", "replay_batch_size") if getattr(args, name)
+                        for word in (f"--{name}", *map(str, getattr(args, name)))]
+    recipe = options.parse_args([*args.size_flags, *args.batch_flags])  # train.py's unless given here
+    args.img_sizes, args.batch_sizes, args.replay_batch_sizes = (recipe.img_sizes, recipe.batch_size,
+                                                                 recipe.replay_batch_size)
     return args
 
 
@@ -116,8 +120,7 @@ def time_stage_epoch(stage, mode, args, device, data_cache):
     model = UnifiedMultiTaskModel(args.backbone, pretrained=True).to(device)
     if channels_last:
         model.use_channels_last()
-    train_args = options.parse_args(["--backbone", args.backbone, "--amp", amp,
-                                   "--replay_batch_size", str(args.replay_batch_size)])
+    train_args = options.parse_args(["--backbone", args.backbone, "--amp", amp, *args.batch_flags])
     amp_dtype = train.autocast_dtype(amp, device)
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
     weight_average = train.make_weight_average(model, train_args.ema_decay)
@@ -136,13 +139,14 @@ def time_stage_epoch(stage, mode, args, device, data_cache):
     optimizer = torch.optim.AdamW(train.parameter_groups(model, [primary], learned, factors, 1e-4))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     train.set_train_mode(model, primary, learned)
-    loader = make_loader(data[primary], args.batch_size, shuffle=True, pin_memory=device.type == "cuda")
+    loader = make_loader(data[primary], args.batch_sizes[stage], shuffle=True, pin_memory=device.type == "cuda")
     steps = args.steps or len(loader)
 
     def run(n):
         batches = ({primary: batch} for batch in itertools.islice(loader, n))
         return train.train_one_epoch(model, batches, banks, optimizer, scaler, train_args, device, amp_dtype,
-                                     weight_average, teacher, **new_images)
+                                     weight_average, teacher, **new_images,
+                                     replay_batch_size=args.replay_batch_sizes.get(stage))
 
     run(1)  # warm-up: first-call kernel selection and allocations are not throughput
     synchronize(device)
@@ -150,7 +154,7 @@ def time_stage_epoch(stage, mode, args, device, data_cache):
     run(steps)
     synchronize(device)
     seconds = time.perf_counter() - started
-    images = min(steps * args.batch_size, len(data[primary]))
+    images = min(steps * args.batch_sizes[stage], len(data[primary]))
     return images / seconds, setup, len(data[primary])
 
 
@@ -159,10 +163,10 @@ def eval_throughput(args, device):
     rates = {}
     for task in TASKS:
         dataset = build_dataset(task, args.data_root, "val", args.img_sizes[task], train=False)
-        evaluate(model, dataset, task, batch_size=args.batch_size)  # warm-up
+        evaluate(model, dataset, task)  # warm-up
         synchronize(device)
         started = time.perf_counter()
-        evaluate(model, dataset, task, batch_size=args.batch_size)
+        evaluate(model, dataset, task)
         synchronize(device)
         rates[task] = len(dataset) / (time.perf_counter() - started)
     return rates
@@ -172,8 +176,7 @@ def time_pipeline(args, mode_flags):
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="onehead_bench_") as out_dir:  # fresh: train.py never overwrites a run
         train.main(["--data_root", args.data_root, "--out_dir", out_dir, "--backbone", args.backbone,
-                    *args.size_flags, "--device", args.device, "--batch_size", str(args.batch_size),
-                    "--replay_batch_size", str(args.replay_batch_size),
+                    *args.size_flags, "--device", args.device, *args.batch_flags,
                     "--epochs_seg", "1", "--epochs_det", "1", "--epochs_cls", "1", *mode_flags.split()])
     return time.perf_counter() - started
 
@@ -190,8 +193,10 @@ def run_benchmark(args):
     device = pick_device(args.device)
     args.device = str(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    print(f"device {name}, backbone {args.backbone}, {options.describe_sizes(args.img_sizes)}, batch {args.batch_size} "
-          f"+ replay {args.replay_batch_size} per earlier task, torch {torch.__version__}")
+    batches = " / ".join(str(b) for b in args.batch_sizes.values())
+    replays = " / ".join(str(b) for b in args.replay_batch_sizes.values())
+    print(f"device {name}, backbone {args.backbone}, {options.describe_sizes(args.img_sizes)}, batch {batches} "
+          f"(stages 1-3) + replay {replays} (stages 2-3) per earlier task, torch {torch.__version__}")
     print(f"{'stage':<6} {'mode':<18} {'img/s':>8} {'setup s':>8} {'epoch s (+setup/epochs)':>24}")
     epoch_seconds = {}
     data_cache = {}

@@ -139,6 +139,8 @@ def resume_state(out_dir, model, args):
     for flag, value in vars(args).items():
         if flag not in not_compared:
             saved = saved_args.get(flag, BEFORE_THE_FLAGS.get(flag, value))
+            if isinstance(value, dict) and not isinstance(saved, dict):  # saved before the flag was per stage
+                saved = dict.fromkeys(value, saved)
             if saved != value:
                 raise ValueError(f"--resume: {path} was trained {as_flag(flag, saved)}; pass the same flags")
     model.load_state_dict(state.pop("model"))

@@ -213,11 +213,12 @@ def new_images_terms(outputs, teacher_outputs, seg_weight, det_weight, backbone_
 
 
 def train_one_epoch(model, batches, replay_banks, optimizer, scaler, args, device, amp_dtype, weight_average=None,
-                    teacher=None, seg_new_images_weight=0.0, det_new_images_weight=0.0, backbone_probe=None):
+                    teacher=None, seg_new_images_weight=0.0, det_new_images_weight=0.0, backbone_probe=None,
+                    replay_batch_size=None):
     """One optimiser step per item of `batches`, a dict {task: (images, targets, indices)}: the
-    primary task's batch in a sequential stage (plus one replay batch per earlier task), one
-    batch of every task in joint training. `weight_average` (make_weight_average) is updated
-    after every step. With a `teacher` (the previous stage's frozen model) and a
+    primary task's batch in a sequential stage (plus `replay_batch_size` replayed images of each
+    earlier task), one batch of every task in joint training. `weight_average`
+    (make_weight_average) is updated after every step. With a `teacher` (the previous stage's frozen model) and a
     `seg_new_images_weight` > 0, segmentation is distilled on the primary batches' images too
     (detection likewise with `det_new_images_weight` > 0), and with a `backbone_probe`
     (fit_backbone_probe or imagenet_backbone_probe) the classification output is distilled toward
@@ -256,7 +257,7 @@ def train_one_epoch(model, batches, replay_banks, optimizer, scaler, args, devic
             total = total + loss.detach()
             parts.update(loss_parts)
         for task, bank in replay_banks.items():
-            replay_images, teacher_outputs = bank.sample(args.replay_batch_size)
+            replay_images, teacher_outputs = bank.sample(replay_batch_size)
             with autocast(), batchnorm_statistics_frozen(model):
                 student_outputs = model(model.prepare_input(replay_images))
                 loss, loss_parts = distillation_loss(task, student_outputs, teacher_outputs, weights,
@@ -384,7 +385,7 @@ def step_scheduler(scheduler, score):
 def validate(model, val_sets, tasks, args):
     metrics = {}
     for task in tasks:
-        metrics.update(evaluate(model, val_sets[task], task, batch_size=args.batch_size))
+        metrics.update(evaluate(model, val_sets[task], task))
     return metrics
 
 
@@ -425,17 +426,20 @@ def run_stage(stage, primary, model, data, state, args, device, log):
         state["recent_scores"] = []
 
     new_images = new_images_distillation(args, stage, primary, learned, teacher, data["train"], amp_dtype, log)
-    log.info(f"stage {stage}: {primary} for {epochs} epochs, lr {base_lr:g}, distilling {learned or 'nothing'}")
+    replayed = f" + {args.replay_batch_size[stage]} of each earlier task" if learned else ""
+    log.info(f"stage {stage}: {primary} for {epochs} epochs, lr {base_lr:g}, batch {args.batch_size[stage]}{replayed}, "
+             f"distilling {learned or 'nothing'}")
     for epoch in range(start_epoch, epochs + 1):
         started = time.time()
         set_seed(args.seed + 1000 * stage + epoch)  # same augmentation whether resumed or not
         set_train_mode(model, primary, learned, imagenet_statistics=args.pretrained)
-        loader = make_loader(data["train"][primary], args.batch_size, shuffle=True, workers=args.workers,
+        loader = make_loader(data["train"][primary], args.batch_size[stage], shuffle=True, workers=args.workers,
                              pin_memory=device.type == "cuda", seed=args.seed + 1000 * stage + epoch)
         batches = ({primary: batch} for batch in tqdm(loader, desc=f"s{stage} {primary} {epoch}/{epochs}",
                                                       leave=False, disable=None))
         losses = train_one_epoch(model, batches, replay_banks, optimizer, scaler, args, device, amp_dtype,
-                                 weight_average, teacher, **new_images)
+                                 weight_average, teacher, **new_images,
+                                 replay_batch_size=args.replay_batch_size.get(stage))
         metrics = validate(scored, data["val"], seen, args)
         own = metrics[PRIMARY_METRIC[primary]]
         lr = head_lr(optimizer, primary)

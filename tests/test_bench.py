@@ -31,9 +31,13 @@ def test_bench_prints_a_table_and_the_speedup_last(demo_root, capsys, monkeypatc
     assert lines[-1].startswith("speedup=") and float(lines[-1].split("=")[1]) > 0
 
 
-def test_bench_times_train_py_input_sizes_unless_told():
+def test_bench_times_train_py_input_and_batch_sizes_unless_told():
     assert bench.parse_args([]).img_sizes == options.IMG_SIZES
     assert set(bench.parse_args(["--img_size", "96"]).img_sizes.values()) == {96}
+    default = bench.parse_args([])
+    assert default.batch_sizes == options.BATCH_SIZES and default.replay_batch_sizes == options.REPLAY_BATCH_SIZES
+    told = bench.parse_args(["--batch_size", "16", "16", "4", "--replay_batch_size", "4"])
+    assert told.batch_sizes == {1: 16, 2: 16, 3: 4} and told.replay_batch_sizes == {2: 4, 3: 4}
 
 
 @pytest.mark.parametrize("flags", [["--stages", "0"], ["--stages", "4"], ["--stages", "3,x"],

@@ -492,7 +492,9 @@ def test_start_from_a_stage_checkpoint_runs_only_the_later_stages(tiny_run, demo
                                    ["--cls_mixup", "-1"], ["--cls_cutmix", "-0.5"], ["--seg_dice_weight", "-1"],
                                    ["--det_mosaic", "1.5"], ["--det_mosaic", "-0.1"],
                                    ["--distill_seg_new_images", "-1"],
-                                   ["--distill_seg_new_images", "4", "1", "1"], ["--blend_steps", "-1"],
+                                   ["--distill_seg_new_images", "4", "1", "1"], ["--batch_size", "8", "8"],
+                                   ["--replay_batch_size", "0"], ["--replay_batch_size", "8", "2", "2"],
+                                   ["--demo", "--replay_batch_size", "2"], ["--blend_steps", "-1"],
                                    ["--blend_steps", "1"], ["--demo", "--epochs_seg", "2"],
                                    ["--demo", "--img_size_cls", "64"]])
 def test_bad_flags_are_rejected(flags, capsys):
@@ -521,6 +523,39 @@ def test_img_size_flags_set_every_task_or_one():
     args = options.parse_args(["--img_size", "256", "--img_size_cls", "160"])
     assert args.img_sizes == {"seg": 256, "det": 256, "cls": 160}, "a task's own flag wins over --img_size"
     assert options.parse_args(["--img_size_det", "416"]).img_sizes == {**options.IMG_SIZES, "det": 416}
+
+
+def test_batch_size_flags_set_every_stage_or_one_each():
+    args = options.parse_args([])
+    assert args.batch_size == options.BATCH_SIZES and args.replay_batch_size == options.REPLAY_BATCH_SIZES
+    args = options.parse_args(["--batch_size", "16", "--replay_batch_size", "4"])
+    assert args.batch_size == {1: 16, 2: 16, 3: 16} and args.replay_batch_size == {2: 4, 3: 4}
+    args = options.parse_args(["--batch_size", "32", "16", "8", "--replay_batch_size", "8", "1"])
+    assert args.batch_size == {1: 32, 2: 16, 3: 8} and args.replay_batch_size == {2: 8, 3: 1}
+    demo = options.parse_args(["--demo"])
+    assert demo.batch_size == {1: 8, 2: 8, 3: 8} and demo.replay_batch_size == {2: 8, 3: 8}
+
+
+def test_each_stage_trains_at_its_own_batch_size(tiny_run, demo_root, tmp_path, monkeypatch):
+    loader_sizes, replay_sizes = [], []
+    original_loader, original_sample = train.make_loader, train.ReplayBank.sample
+
+    def make_loader(dataset, batch_size, *args, **kwargs):
+        loader_sizes.append((dataset.task, batch_size))
+        return original_loader(dataset, batch_size, *args, **kwargs)
+
+    def sample(bank, batch_size):
+        replay_sizes.append((bank.dataset.task, batch_size))
+        return original_sample(bank, batch_size)
+
+    monkeypatch.setattr(train, "make_loader", make_loader)
+    monkeypatch.setattr(train.ReplayBank, "sample", sample)
+    run_train(demo_root, tmp_path, "--start_from", str(tiny_run[0] / "model_s1_best.pt"),
+              "--batch_size", "4", "4", "2", "--replay_batch_size", "3", "1")
+    assert set(loader_sizes) == {("det", 4), ("cls", 2)}
+    assert set(replay_sizes) == {("seg", 3), ("seg", 1), ("det", 1)}
+    log = (tmp_path / "training_log_single_pass.txt").read_text()
+    assert "batch 4 + 3 of each earlier task" in log and "batch 2 + 1 of each earlier task" in log
 
 
 def test_checkpoint_img_sizes_reads_old_single_size_checkpoints():
@@ -610,7 +645,8 @@ def interrupted_run(demo_root, tmp_path_factory):
                                                ("--lr_factor", "3 shared_late 0.5",
                                                 f"3 shared_late {options.LR_FACTORS[3]['shared_late']:g}"),
                                                ("--lr_det", "1e-3", "0.003"), ("--seed", "1", "0"),
-                                               ("--det_scale_jitter", "0.8,1.2", "0.5,1.5")])
+                                               ("--det_scale_jitter", "0.8,1.2", "0.5,1.5"),
+                                               ("--batch_size", "4 4 2", "4 4 4"), ("--replay_batch_size", "1", "2 2")])
 def test_resume_with_another_recipe_flag_is_a_clear_error(interrupted_run, demo_root, tmp_path, flag, value, saved):
     shutil.copytree(interrupted_run, tmp_path / "run")
     with pytest.raises(SystemExit) as exit_info:
@@ -658,6 +694,18 @@ def test_resume_of_a_run_saved_before_the_backbone_split_keeps_its_recipe(interr
         run_train(demo_root, run, "--resume")
     assert "--lr_factor 3 backbone_late 0" in str(exit_info.value)
     run_train(demo_root, run, "--resume", "--lr_factor", "3", "backbone", "0")  # the old recipe goes on
+
+
+def test_resume_of_a_run_saved_before_batch_sizes_were_per_stage_reads_one_for_every_stage(interrupted_run,
+                                                                                          demo_root, tmp_path):
+    run = shutil.copytree(interrupted_run, tmp_path / "run")
+    state = torch.load(run / "last.pt", weights_only=False)
+    state["args"].update(batch_size=4, replay_batch_size=2)  # TINY's, saved as one number each
+    torch.save(state, run / "last.pt")
+    with pytest.raises(SystemExit) as exit_info:
+        run_train(demo_root, run, "--resume", "--batch_size", "4", "4", "2")
+    assert "--batch_size 4 4 4" in str(exit_info.value)
+    run_train(demo_root, run, "--resume")  # TINY's --batch_size 4 --replay_batch_size 2: the same recipe
 
 
 def test_weight_average_is_an_exponential_moving_average_of_the_weights():
