@@ -46,10 +46,10 @@ IMG_SIZES = {"seg": 416, "det": 320, "cls": 224}
 DISTILL_WEIGHTS = {"seg": 4.0, "det_logits": 5.0, "det_feature": 2.5, "cls": 1.0}
 # Images per step of each stage's own task, and of each earlier task replayed beside them.
 # Stage 3 takes 8 (+ 2 of each earlier task): the same 4:1 mix and images per epoch as 32 + 8,
-# but 30 steps an epoch instead of 8. From three stage-2 checkpoints, each paired with stage 3
-# at 32 + 8, it kept Top-1 0.900 in all three against 0.867-0.883, reached 0.80 by epoch 2-3
-# instead of 6 and ended with a higher mIoU in all three, for about 1.15x the time of a stage-3
-# epoch (RESULTS.md, sessions 44-45). Stages 1-2 at 8 were not measured with today's recipe.
+# but 30 steps an epoch instead of 8. From four stage-2 checkpoints, each paired with stage 3
+# at 32 + 8, it kept a higher Top-1 in all four (0.900-0.917 against 0.800-0.883), reached 0.80
+# three or four epochs earlier and kept every task within 5%, for about 1.1-1.2x the time of a
+# stage-3 epoch (RESULTS.md, sessions 44-45). Stages 1-2 at 8 were not measured with today's recipe.
 BATCH_SIZES = {1: 32, 2: 32, 3: 8}
 REPLAY_BATCH_SIZES = {2: 8, 3: 2}
 
